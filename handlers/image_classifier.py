@@ -1,0 +1,138 @@
+"""tvserve's TorchServe handler: one image classifier for torchvision models and trained checkpoints.
+
+Lifecycle, in the TorchServe worker:
+- `initialize(context)` once: reads the archive's `tvserve.json`, checks the weights' sha256,
+  builds the model in eval mode, and the preprocessing `Compose` from the recorded preset.
+- `handle(data, context)` per batch: decode and validate each request (a client mistake gets its
+  own 4xx with a JSON body, the rest of the batch still runs), stack, one forward under
+  `torch.inference_mode()`, then one JSON top-k list per request:
+  [{"label": "tabby", "index": 281, "probability": 0.93}, ...], most probable first.
+- The management API's `GET /models/NAME?customized=true` gets the archive's metadata.
+
+Everything here imports torch, torchvision, PIL and the files shipped in the archive only.
+"""
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torchvision
+
+from handlers.decoding import RequestError, open_image, parse_request, parse_topk
+from handlers.preprocessing import build_transform
+
+log = logging.getLogger(__name__)
+
+METADATA_FILE = "tvserve.json"
+DEFAULT_TOPK = 5
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_model(model_dir: Path, spec: dict) -> torch.nn.Module:
+    """The untrained module that `spec` (the metadata's "model" entry) names."""
+    kwargs = spec.get("kwargs", {})
+    if spec["builder"] == "torchvision":
+        return torchvision.models.get_model(spec["name"], weights=None, **kwargs)
+    if spec["builder"] == "python":
+        source = model_dir / spec["file"]
+        module_spec = importlib.util.spec_from_file_location(source.stem, source)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        return getattr(module, spec["class"])(**kwargs)
+    raise ValueError(f"Unknown model builder {spec['builder']!r}: this archive needs a newer tvserve.")
+
+
+def load_model(model_dir: Path, meta: dict) -> torch.nn.Module:
+    """Builds the model, loads its verified weights strictly, and switches it to eval mode."""
+    weights = meta["weights"]
+    path = model_dir / weights["file"]
+    actual = sha256_of(path)
+    if actual != weights["sha256"]:
+        raise RuntimeError(
+            f"Tampered archive: {weights['file']} has sha256 {actual}, but the archive's "
+            f"{METADATA_FILE} records {weights['sha256']}. Rebuild the archive with `tvserve archive`."
+        )
+    model = build_model(model_dir, meta["model"])
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    return model.eval()
+
+
+def thread_budget(context) -> int:
+    """Torch threads for this worker: model-config.yaml's handler.threads, else TVSERVE_THREADS,
+    else the cores shared evenly among this model's workers."""
+    yaml_config = getattr(context, "model_yaml_config", None) or {}
+    threads = (yaml_config.get("handler") or {}).get("threads") or os.environ.get("TVSERVE_THREADS")
+    if threads:
+        return int(threads)
+    workers = int(yaml_config.get("maxWorkers") or yaml_config.get("minWorkers") or 1)
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+class ImageClassifier:
+    """TorchServe entry point (the archive's only handler class)."""
+
+    def __init__(self):
+        self.initialized = False
+
+    def initialize(self, context):
+        model_dir = Path(context.system_properties["model_dir"])
+        self.meta = json.loads((model_dir / METADATA_FILE).read_text())
+        torch.set_num_threads(thread_budget(context))
+        self.model = load_model(model_dir, self.meta)
+        self.transform = build_transform(self.meta["preset"])
+        self.labels = self.meta["labels"]
+        self.default_topk = int(self.meta.get("topk", DEFAULT_TOPK))
+        self.initialized = True
+        log.info("tvserve: loaded %s (%s), %d labels, %d torch threads",
+                 self.meta["name"], self.meta["source"], len(self.labels), torch.get_num_threads())
+
+    def preprocess(self, request: dict, headers: dict):
+        """One request -> (Tensor[3, H, W] float32, topk). Raises RequestError for client mistakes."""
+        data, topk = parse_request(request, headers)
+        topk = parse_topk(topk, len(self.labels), self.default_topk)
+        return self.transform(open_image(data)), topk
+
+    def inference(self, batch: torch.Tensor) -> torch.Tensor:
+        """Tensor[N, 3, H, W] -> probabilities Tensor[N, n_classes]."""
+        with torch.inference_mode():
+            return torch.softmax(self.model(batch), dim=1)
+
+    def postprocess(self, probabilities: torch.Tensor, topk: int) -> list:
+        values, indices = probabilities.topk(topk)
+        return [
+            {"label": self.labels[index], "index": index, "probability": value}
+            for value, index in zip(values.tolist(), indices.tolist())
+        ]
+
+    def handle(self, data, context):
+        if context.get_request_header(0, "describe") == "True":  # GET /models/NAME?customized=true
+            return [json.dumps(self.meta)]
+        responses = [None] * len(data)
+        accepted, tensors = [], []
+        for idx, request in enumerate(data):
+            try:
+                tensor, topk = self.preprocess(request, context.get_all_request_header(idx))
+            except RequestError as err:
+                context.set_response_status(err.status, err.type, idx=idx)
+                context.set_response_content_type(idx, "application/json")
+                responses[idx] = err.body()
+                continue
+            accepted.append((idx, topk))
+            tensors.append(tensor)
+        if tensors:
+            probabilities = self.inference(torch.stack(tensors))
+            for (idx, topk), row in zip(accepted, probabilities):
+                context.set_response_content_type(idx, "application/json")
+                responses[idx] = self.postprocess(row, topk)
+        return responses

@@ -1,0 +1,208 @@
+"""The `tvserve` command: train, archive, serve, predict and describe image classifiers.
+
+Examples:
+    tvserve archive torchvision resnet18                 # ImageNet weights: download, cache or --weights-file
+    tvserve archive checkpoint runs/digits_net/checkpoint.pt
+    tvserve serve                                        # every archive in model_store/, until Ctrl-C
+    tvserve predict resnet18 cat.jpg --topk 3
+    tvserve describe model_store/resnet18.mar
+"""
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from tvserve import TvserveError, client
+
+log = logging.getLogger("tvserve")
+
+DEFAULT_WORKDIR = Path(".tvserve")  # logs, temp files and the running server's state
+
+
+def add_archive_options(parser):
+    group = parser.add_argument_group("archive options")
+    group.add_argument("--name", dest="model_name", help="model name (default: the model's own)")
+    group.add_argument("--version", default="1.0")
+    group.add_argument("--export-path", type=Path, default=Path("model_store"))
+    group.add_argument("--force", action="store_true", help="overwrite an existing archive")
+    group.add_argument("--workers", type=int, default=1)
+    group.add_argument("--batch-size", type=int, default=1)
+    group.add_argument("--max-batch-delay", type=int, default=50, help="ms")
+    group.add_argument("--response-timeout", type=int, default=120, help="s")
+    group.add_argument("--startup-timeout", type=int, default=120, help="s")
+    group.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
+
+
+def archive_options(args):
+    from tvserve.archive import ArchiveOptions
+
+    return ArchiveOptions(
+        model_name=args.model_name, version=args.version, export_path=args.export_path,
+        force=args.force, workers=args.workers, batch_size=args.batch_size,
+        max_batch_delay=args.max_batch_delay, response_timeout=args.response_timeout,
+        startup_timeout=args.startup_timeout, threads=args.threads,
+    )
+
+
+def cmd_archive_torchvision(args):
+    from tvserve.archive import archive_torchvision
+
+    path = archive_torchvision(args.model, weights=args.weights, weights_file=args.weights_file,
+                               random_init=args.random_init, options=archive_options(args))
+    print(path)
+
+
+def cmd_archive_checkpoint(args):
+    from tvserve.archive import archive_checkpoint
+
+    print(archive_checkpoint(args.checkpoint, options=archive_options(args)))
+
+
+def cmd_train(args):
+    from training.train import main
+
+    main(args)
+
+
+def cmd_prepare(args):
+    from tvserve.defaults import prepare_default_archives
+
+    prepare_default_archives(model_store=args.model_store, runs=args.runs)
+
+
+def cmd_serve(args):
+    from tvserve.server import Server
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    server = Server(model_store=args.model_store, config=args.config, workdir=args.workdir, models=args.models)
+    models = server.expected_models()
+    if not models:
+        raise TvserveError(f"No archives in {server.model_store}. Run `tvserve prepare` or `tvserve archive ...`.")
+    print(f"Starting TorchServe with {', '.join(models)} (logs: {server.log_dir}) ...", flush=True)
+    server.start()
+    stop = lambda signum, frame: sys.exit(128 + signum)  # noqa: E731 - unwinds into `finally`
+    signal.signal(signal.SIGTERM, stop)
+    detached = False
+    try:
+        server.wait_ready(args.timeout)
+        print(f"Ready: {', '.join(models)}")
+        print(f"  inference:  {server.inference_url}/predictions/<model>")
+        print(f"  management: {server.management_url}/models")
+        print(f"  try: curl -T some.jpg {server.inference_url}/predictions/{models[0]}", flush=True)
+        if args.detach:
+            detached = True
+            print(f"Detached (pid {server.process.pid}); stop it with `tvserve stop --workdir {args.workdir}`.")
+            return
+        code = server.process.wait()
+        raise TvserveError(f"TorchServe exited with code {code}.\n{server.console_tail()}")
+    except KeyboardInterrupt:
+        print("\nStopping TorchServe ...", flush=True)
+    finally:
+        if not detached:
+            server.stop()
+
+
+def cmd_stop(args):
+    from tvserve.server import stop_recorded
+
+    if not stop_recorded(args.workdir):
+        raise TvserveError(f"No running server recorded in {args.workdir / 'server.json'}.")
+    print("stopped")
+
+
+def cmd_predict(args):
+    for image in args.images:
+        results = client.predict(args.model, image, url=args.url, topk=args.topk, version=args.model_version)
+        print(f"{image}:")
+        for item in results:
+            print(f"  {item['probability']:.4f}  {item['label']} ({item['index']})")
+
+
+def cmd_describe(args):
+    from tvserve.archive import read_metadata
+
+    target = Path(args.target)
+    if target.suffix == ".mar" or target.exists():
+        print(json.dumps(read_metadata(target), indent=2))
+        return
+    for version in client.describe_model(args.target, management_url=args.management_url):
+        print(json.dumps(version, indent=2))
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(
+        prog="tvserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    from training.train import get_args_parser
+
+    train = commands.add_parser("train", parents=[get_args_parser(add_help=False)],
+                                help="train one of the book's CNNs (same flags as python -m training.train)")
+    train.set_defaults(func=cmd_train)
+
+    archive = commands.add_parser("archive", help="build a .mar archive")
+    kinds = archive.add_subparsers(dest="kind", required=True)
+    torchvision_ = kinds.add_parser("torchvision", help="a torchvision classification model")
+    torchvision_.add_argument("model", help="e.g. resnet18 (see torchvision.models.list_models())")
+    weights = torchvision_.add_mutually_exclusive_group()
+    weights.add_argument("--weights", default="DEFAULT", help="weights enum: DEFAULT, IMAGENET1K_V1, ...")
+    weights.add_argument("--random-init", action="store_true", help="random weights: for tests only")
+    torchvision_.add_argument("--weights-file", type=Path, help="a state_dict file for those weights")
+    add_archive_options(torchvision_)
+    torchvision_.set_defaults(func=cmd_archive_torchvision)
+    checkpoint = kinds.add_parser("checkpoint", help="a checkpoint written by training/")
+    checkpoint.add_argument("checkpoint", type=Path)
+    add_archive_options(checkpoint)
+    checkpoint.set_defaults(func=cmd_archive_checkpoint)
+
+    prepare = commands.add_parser("prepare", help="build the default archives that are missing")
+    prepare.add_argument("--model-store", type=Path, default=Path("model_store"))
+    prepare.add_argument("--runs", type=Path, default=Path("runs"))
+    prepare.set_defaults(func=cmd_prepare)
+
+    serve = commands.add_parser("serve", help="run TorchServe until Ctrl-C, once every model is READY")
+    serve.add_argument("--model-store", type=Path, default=Path("model_store"))
+    serve.add_argument("--config", type=Path, default=Path("config.properties"))
+    serve.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    serve.add_argument("--models", default="all", help="all, or NAME.mar[,NAME.mar...]")
+    serve.add_argument("--timeout", type=float, help="s to wait for READY (default: archives' startupTimeout)")
+    serve.add_argument("--detach", action="store_true", help="return once ready, leaving the server running")
+    serve.set_defaults(func=cmd_serve)
+
+    stop = commands.add_parser("stop", help="stop a server started with --detach")
+    stop.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    stop.set_defaults(func=cmd_stop)
+
+    predict = commands.add_parser("predict", help="top-k predictions for image files")
+    predict.add_argument("model")
+    predict.add_argument("images", nargs="+", type=Path)
+    predict.add_argument("--url", default=client.DEFAULT_URL)
+    predict.add_argument("--topk", type=int)
+    predict.add_argument("--model-version")
+    predict.set_defaults(func=cmd_predict)
+
+    describe = commands.add_parser("describe", help="metadata of a .mar file or of a served model")
+    describe.add_argument("target", help="path to a .mar, or a served model's name")
+    describe.add_argument("--management-url", default=client.DEFAULT_MANAGEMENT_URL)
+    describe.set_defaults(func=cmd_describe)
+    return parser
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        args.func(args)
+    except TvserveError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

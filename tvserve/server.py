@@ -1,0 +1,234 @@
+"""Starts, watches and stops a TorchServe process for a model store.
+
+A model counts as ready only when the management API shows its workers READY: `/ping` answers
+Healthy even while a worker crash-loops. A server whose models do not become ready is stopped,
+and the worker's error is read from its log.
+"""
+
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import requests
+import yaml
+
+from tvserve import TvserveError
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "server.json"
+EXTRA_STARTUP_SECONDS = 30  # JVM start and worker spawn, on top of the archives' startupTimeout
+ERROR_LINE = re.compile(r"\b\w*(Error|Exception)\b: .+")
+
+
+def read_properties(path: Path) -> dict:
+    """A Java .properties file as a dict (key=value lines; '#' comments)."""
+    properties = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", "!")) and "=" in line:
+            key, value = line.split("=", 1)
+            properties[key.strip()] = value.strip()
+    return properties
+
+
+def write_properties(path: Path, properties: dict) -> Path:
+    Path(path).write_text("".join(f"{key}={value}\n" for key, value in properties.items()))
+    return Path(path)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def loopback_ports_config(base: Path, dest: Path) -> Path:
+    """A copy of config `base` with every port moved to a free loopback port (for tests)."""
+    properties = read_properties(base)
+    for key in ("inference_address", "management_address", "metrics_address"):
+        properties[key] = f"http://127.0.0.1:{free_port()}"
+    for key in ("grpc_inference_port", "grpc_management_port"):
+        properties[key] = str(free_port())
+    return write_properties(dest, properties)
+
+
+def archive_config(mar: Path) -> dict:
+    """The model-config.yaml inside a .mar ({} when it has none)."""
+    with zipfile.ZipFile(mar) as archive:
+        try:
+            return yaml.safe_load(archive.read("model-config.yaml")) or {}
+        except KeyError:
+            return {}
+
+
+class Server:
+    """One TorchServe process tree (launcher, Java frontend, Python workers) in its own session.
+
+    `workdir` holds its logs, temp files and state file, so servers never share files.
+    """
+
+    def __init__(self, *, model_store: Path, config: Path, workdir: Path, models: str = "all"):
+        self.model_store = Path(model_store).resolve()
+        self.config = Path(config).resolve()
+        self.workdir = Path(workdir).resolve()
+        self.models = models
+        self.properties = read_properties(self.config)
+        self.inference_url = self.properties.get("inference_address", "http://127.0.0.1:8080")
+        self.management_url = self.properties.get("management_address", "http://127.0.0.1:8081")
+        self.metrics_url = self.properties.get("metrics_address", "http://127.0.0.1:8082")
+        self.process = None
+
+    @property
+    def log_dir(self) -> Path:
+        return self.workdir / "logs"
+
+    def expected_models(self) -> list:
+        if self.models == "all":
+            return sorted(path.stem for path in self.model_store.glob("*.mar"))
+        return sorted(entry.split("=")[0].removesuffix(".mar") for entry in self.models.split(","))
+
+    def startup_timeout(self) -> float:
+        timeouts = [int(archive_config(mar).get("startupTimeout", 120)) for mar in self.model_store.glob("*.mar")]
+        return max(timeouts, default=120) + EXTRA_STARTUP_SECONDS
+
+    def environment(self) -> dict:
+        env = dict(os.environ)
+        tmp = self.workdir / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        env.update(TMPDIR=str(tmp), LOG_LOCATION=str(self.log_dir), METRICS_LOCATION=str(self.log_dir))
+        threads = self.properties.get("tvserve_threads_per_worker")
+        if threads and "TVSERVE_THREADS" not in env:
+            env["TVSERVE_THREADS"] = threads
+        return env
+
+    def start(self) -> "Server":
+        if not self.model_store.is_dir():
+            raise TvserveError(f"No model store at {self.model_store}. Build archives with `tvserve archive`.")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        command = [
+            str(Path(sys.executable).with_name("torchserve")), "--start", "--foreground", "--ncs",
+            "--model-store", str(self.model_store), "--ts-config", str(self.config),
+            "--models", self.models,
+        ]
+        self.console = open(self.log_dir / "console.log", "ab")
+        self.process = subprocess.Popen(
+            command, cwd=self.workdir, env=self.environment(), start_new_session=True,
+            stdout=self.console, stderr=subprocess.STDOUT,
+        )
+        (self.workdir / STATE_FILE).write_text(json.dumps({
+            "pid": self.process.pid, "inference": self.inference_url, "management": self.management_url,
+        }))
+        return self
+
+    def model_status(self) -> dict:
+        """{model name: (READY workers, workers wanted)} for every version the server knows."""
+        status = {}
+        listing = requests.get(f"{self.management_url}/models", timeout=5).json()
+        for entry in listing.get("models", []):
+            name = entry["modelName"]
+            versions = requests.get(f"{self.management_url}/models/{name}/all", timeout=5).json()
+            ready = sum(1 for v in versions for w in v.get("workers", []) if w.get("status") == "READY")
+            wanted = sum(max(1, int(v.get("minWorkers", 1))) for v in versions)
+            status[name] = (ready, wanted)
+        return status
+
+    def not_ready(self) -> list:
+        """Expected models whose workers are not all READY yet (all of them if the API is down)."""
+        try:
+            status = self.model_status()
+        except (requests.RequestException, ValueError):
+            return self.expected_models()
+        return [name for name in self.expected_models()
+                if name not in status or status[name][0] < status[name][1]]
+
+    def wait_ready(self, timeout: float = None, poll: float = 0.5) -> None:
+        """Blocks until every expected model is READY; stops the server and raises otherwise."""
+        timeout = timeout or self.startup_timeout()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise TvserveError(
+                    f"TorchServe exited with code {self.process.returncode} during start-up.\n"
+                    + self.console_tail()
+                )
+            waiting = self.not_ready()
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                errors = "\n".join(self.worker_error(name) for name in waiting)
+                self.stop()
+                raise TvserveError(
+                    f"Model(s) {', '.join(waiting)} not ready after {timeout:.0f} s; server stopped.\n{errors}"
+                )
+            time.sleep(poll)
+
+    def worker_error(self, model: str) -> str:
+        """The last error a model's worker logged, with the lines that led to it."""
+        path = self.log_dir / "model_log.log"
+        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+        mine = [line.split(" - ", 1)[-1] for line in lines if f"-{model}_" in line]
+        errors = [i for i, line in enumerate(mine) if ERROR_LINE.search(line)]
+        if not errors:
+            return f"{model}: no worker error in {path}; see {self.log_dir}."
+        last = errors[-1]
+        context = "\n".join(f"    {line}" for line in mine[max(0, last - 8):last + 1])
+        return f"{model}: worker error: {ERROR_LINE.search(mine[last]).group(0)}\n{context}"
+
+    def console_tail(self, lines: int = 20) -> str:
+        path = self.log_dir / "console.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM to the whole process tree, SIGKILL after `timeout`; returns the exit code."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            signal_group(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("TorchServe did not stop in %.0f s: killing it", timeout)
+        signal_group(self.process.pid, signal.SIGKILL)  # workers left behind, if any
+        self.process.wait()
+        self.console.close()
+        (self.workdir / STATE_FILE).unlink(missing_ok=True)
+        return self.process.returncode
+
+
+def signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def stop_recorded(workdir: Path, timeout: float = 60) -> bool:
+    """Stops the server whose state file is in `workdir`; False when none is recorded."""
+    state_path = Path(workdir) / STATE_FILE
+    if not state_path.exists():
+        return False
+    pid = json.loads(state_path.read_text())["pid"]
+    signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and group_alive(pid):
+        time.sleep(0.2)
+    signal_group(pid, signal.SIGKILL)
+    state_path.unlink(missing_ok=True)
+    return True
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False

@@ -1,0 +1,102 @@
+"""torchvision classification models: their weights, preset, labels and construction arguments.
+
+Everything an archive records about a torchvision model is read from its `Weights` enum
+(`weights.transforms()`, `weights.meta`), never re-typed.
+"""
+
+import logging
+import os
+import re
+from pathlib import Path
+from urllib.error import URLError
+
+import torch
+import torchvision
+from torchvision.models import get_model_weights, list_models
+
+from tvserve import TvserveError
+
+log = logging.getLogger(__name__)
+
+HASH_PREFIX = re.compile(r"-([a-f0-9]{6,})\.")  # torch.hub's convention: name-<sha256 prefix>.pth
+
+
+def classification_models() -> list:
+    return list_models(module=torchvision.models)
+
+
+def get_weights(name: str, weights: str = "DEFAULT"):
+    """The weights enum member `weights` (DEFAULT, IMAGENET1K_V1, ...) of model `name`."""
+    if name not in classification_models():
+        raise TvserveError(f"Unknown torchvision classification model {name!r}. `tvserve zoo` lists them.")
+    enum = get_model_weights(name)
+    try:
+        return enum[weights]
+    except KeyError:
+        raise TvserveError(
+            f"Invalid weights {weights!r} for {name}. Choose DEFAULT or one of: {', '.join(enum.__members__)}."
+        ) from None
+
+
+def preset_of(weights) -> dict:
+    """The preset recorded in archives, read from `weights.transforms()` (an ImageClassification)."""
+    transform = weights.transforms()
+    return {
+        "resize": int(transform.resize_size[0]),
+        "crop": int(transform.crop_size[0]),
+        "interpolation": transform.interpolation.value,
+        "mean": [float(x) for x in transform.mean],
+        "std": [float(x) for x in transform.std],
+    }
+
+
+def builder_kwargs(name: str, weights) -> dict:
+    """The keyword arguments torchvision's builder sets when it loads `weights` (see
+    `_ovewrite_named_param` in torchvision.models), so `get_model(name, weights=None, **kwargs)`
+    builds the same module that the pretrained weights load into."""
+    kwargs = {"num_classes": len(weights.meta["categories"])}
+    if name in ("inception_v3", "googlenet"):
+        kwargs.update(transform_input=True, aux_logits=True, init_weights=False)
+    elif name.startswith("vit_"):
+        kwargs["image_size"] = weights.meta["min_size"][0]
+    elif name.startswith("maxvit"):
+        kwargs["input_size"] = list(weights.meta["min_size"])
+    return kwargs
+
+
+def cached_weights_path(weights) -> Path:
+    """Where torch.hub keeps (and torchvision looks for) the downloaded weights file."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
+def check_hash_prefix(path: Path, sha256: str) -> None:
+    """A file named like torchvision's `resnet18-f37072fd.pth` must match that hash prefix."""
+    match = HASH_PREFIX.search(path.name)
+    if match and not sha256.startswith(match.group(1)):
+        raise TvserveError(
+            f"{path} is corrupt or not the file its name claims: its sha256 starts with "
+            f"{sha256[:len(match.group(1))]}, its name says {match.group(1)}. Download it again."
+        )
+
+
+def find_weights_file(name: str, weights, weights_file=None, progress: bool = True) -> tuple:
+    """Returns (path of a state_dict file, origin) for `weights`, in this order: `weights_file`,
+    the torch hub cache, a download through torchvision. Raises TvserveError when none works."""
+    if weights_file is not None:
+        path = Path(weights_file)
+        if not path.is_file():
+            raise TvserveError(f"--weights-file {path} does not exist.")
+        return path, "file"
+    cached = cached_weights_path(weights)
+    if cached.is_file():
+        return cached, "torch-hub-cache"
+    log.info("downloading %s weights %s from %s", name, weights, weights.url)
+    try:
+        weights.get_state_dict(progress=progress, check_hash=True)
+    except (URLError, OSError, RuntimeError) as err:
+        raise TvserveError(
+            f"Cannot get the weights for {name} ({weights}): download failed ({err}). "
+            f"Looked for {cached.name} in the torch hub cache {cached.parent}. "
+            f"Put that file there (or set TORCH_HOME), or pass --weights-file PATH."
+        ) from None
+    return cached, "download"
