@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 STATE_FILE = "server.json"
 EXTRA_STARTUP_SECONDS = 30  # JVM start and worker spawn, on top of the archives' startupTimeout
 ERROR_LINE = re.compile(r"\b\w*(Error|Exception)\b: .+")
+WRAPPER_ERROR = re.compile(r"RuntimeError: \d{3} - ")  # TorchServe's re-raise of the real error
+FAILED_LOADS_BEFORE_GIVING_UP = 2  # TorchServe retries a dead worker forever, with backoff
 
 
 def read_properties(path: Path) -> dict:
@@ -70,6 +72,12 @@ def archive_config(mar: Path) -> dict:
             return {}
 
 
+def archive_model_name(mar: Path) -> str:
+    """The name TorchServe registers a .mar under: its manifest's, not the file's."""
+    with zipfile.ZipFile(mar) as archive:
+        return json.loads(archive.read("MAR-INF/MANIFEST.json"))["model"]["modelName"]
+
+
 class Server:
     """One TorchServe process tree (launcher, Java frontend, Python workers) in its own session.
 
@@ -93,7 +101,7 @@ class Server:
 
     def expected_models(self) -> list:
         if self.models == "all":
-            return sorted(path.stem for path in self.model_store.glob("*.mar"))
+            return sorted({archive_model_name(path) for path in self.model_store.glob("*.mar")})
         return sorted(entry.split("=")[0].removesuffix(".mar") for entry in self.models.split(","))
 
     def startup_timeout(self) -> float:
@@ -104,7 +112,7 @@ class Server:
         env = dict(os.environ)
         tmp = self.workdir / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
-        env.update(TMPDIR=str(tmp), LOG_LOCATION=str(self.log_dir), METRICS_LOCATION=str(self.log_dir))
+        env.update(TMPDIR=str(tmp), TEMP=str(tmp), LOG_LOCATION=str(self.log_dir), METRICS_LOCATION=str(self.log_dir))
         threads = self.properties.get("tvserve_threads_per_worker")
         if threads and "TVSERVE_THREADS" not in env:
             env["TVSERVE_THREADS"] = threads
@@ -163,22 +171,30 @@ class Server:
             waiting = self.not_ready()
             if not waiting:
                 return
-            if time.monotonic() > deadline:
-                errors = "\n".join(self.worker_error(name) for name in waiting)
+            failing = [name for name in waiting if self.failed_loads(name) >= FAILED_LOADS_BEFORE_GIVING_UP]
+            if failing or time.monotonic() > deadline:
+                why = "workers keep dying while loading" if failing else f"not ready after {timeout:.0f} s"
+                errors = "\n".join(self.worker_error(name) for name in failing or waiting)
                 self.stop()
-                raise TvserveError(
-                    f"Model(s) {', '.join(waiting)} not ready after {timeout:.0f} s; server stopped.\n{errors}"
-                )
+                raise TvserveError(f"Model(s) {', '.join(failing or waiting)}: {why}; server stopped.\n{errors}")
             time.sleep(poll)
+
+    def worker_lines(self, model: str) -> list:
+        """What `model`'s workers printed, from TorchServe's model log (messages only)."""
+        path = self.log_dir / "model_log.log"
+        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+        return [line.split(" - ", 1)[-1] for line in lines if f"-{model}_" in line]
+
+    def failed_loads(self, model: str) -> int:
+        """How many of `model`'s workers have died so far."""
+        return sum("Backend worker process died" in line for line in self.worker_lines(model))
 
     def worker_error(self, model: str) -> str:
         """The last error a model's worker logged, with the lines that led to it."""
-        path = self.log_dir / "model_log.log"
-        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
-        mine = [line.split(" - ", 1)[-1] for line in lines if f"-{model}_" in line]
-        errors = [i for i, line in enumerate(mine) if ERROR_LINE.search(line)]
+        mine = self.worker_lines(model)
+        errors = [i for i, line in enumerate(mine) if ERROR_LINE.search(line) and not WRAPPER_ERROR.search(line)]
         if not errors:
-            return f"{model}: no worker error in {path}; see {self.log_dir}."
+            return f"{model}: no worker error in the logs; see {self.log_dir}."
         last = errors[-1]
         context = "\n".join(f"    {line}" for line in mine[max(0, last - 8):last + 1])
         return f"{model}: worker error: {ERROR_LINE.search(mine[last]).group(0)}\n{context}"

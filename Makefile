@@ -1,0 +1,34 @@
+# tvserve: `make serve` runs the service, `make test` runs the tests. Both set up .venv first.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+# pip's local-mirror notices ("... is ignored") say nothing about the install: keep them out.
+PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+
+.PHONY: setup serve test archives clean
+
+$(INSTALLED): pyproject.toml
+	@scripts/check_java.sh
+	@command -v $(PYTHON) >/dev/null || { echo "tvserve needs $(PYTHON): install Python 3.11 and retry." >&2; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "Installing tvserve and its pinned dependencies into $(VENV) (first run: several minutes) ..."
+	$(BIN)/pip install -q -e '.[test]' $(PIP_QUIET)
+	@touch $@
+
+setup: $(INSTALLED)
+
+archives: setup  ## the default archives, built only where missing
+	$(BIN)/tvserve prepare
+
+serve: archives  ## TorchServe in the foreground on 127.0.0.1:8080/8081/8082; Ctrl-C stops it
+	$(BIN)/tvserve serve
+
+test: setup  ## the whole suite, against real TorchServe processes on free loopback ports
+	@scripts/check_java.sh
+	$(BIN)/pytest
+
+clean:
+	rm -rf .tvserve runs model_store/*.mar

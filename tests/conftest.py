@@ -1,0 +1,81 @@
+"""Shared fixtures: a short digits training run, archives built by the real CLI code, and one real
+TorchServe on free loopback ports for the whole session (stopped with its workers at the end)."""
+
+from pathlib import Path
+
+import pytest
+import sklearn.datasets
+import torch
+import torchvision
+import torchvision.transforms.functional as TF
+
+from training.data import load_dataset
+from training.train import get_args_parser, main as train_main
+from tvserve.archive import ArchiveOptions, archive_checkpoint, archive_torchvision
+from tvserve.server import Server, loopback_ports_config
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = sorted((Path(sklearn.datasets.__file__).parent / "images").glob("*.jpg"))  # real photos
+DIGITS_EPOCHS = 10
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("tvserve")
+
+
+@pytest.fixture(scope="session")
+def digits_run(work):
+    """A short real training run of the book's Net on digits; returns its run folder."""
+    out = work / "runs" / "digits"
+    args = get_args_parser().parse_args(
+        ["--model", "Net", "--dataset", "digits", "--epochs", str(DIGITS_EPOCHS), "--out", str(out), "--quiet"]
+    )
+    train_main(args)
+    return out
+
+
+@pytest.fixture(scope="session")
+def digit_files(work):
+    """The held-out (validation) digits of the default split, as PNG files: [(path, label)]."""
+    split = load_dataset("digits")
+    folder = work / "digits"
+    folder.mkdir()
+    files = []
+    for i, (image, label) in enumerate(zip(split.val_images, split.val_labels)):
+        path = folder / f"{i:04d}_{int(label)}.png"
+        TF.to_pil_image(image).save(path)
+        files.append((path, int(label)))
+    return files
+
+
+@pytest.fixture(scope="session")
+def resnet18_weights(work):
+    """resnet18 with random weights saved as a state_dict file, so the real file path loads them."""
+    torch.manual_seed(0)
+    path = work / "resnet18-random.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_store(work, digits_run, resnet18_weights):
+    store = work / "model_store"
+    checkpoint = digits_run / "checkpoint.pt"
+    archive_checkpoint(checkpoint, options=ArchiveOptions(model_name="digits_net", export_path=store))
+    archive_checkpoint(checkpoint, options=ArchiveOptions(
+        model_name="digits_batched", export_path=store, batch_size=4, max_batch_delay=200))
+    archive_torchvision("resnet18", weights_file=resnet18_weights, options=ArchiveOptions(export_path=store))
+    return store
+
+
+@pytest.fixture(scope="session")
+def server(work, model_store):
+    config = loopback_ports_config(REPO / "config.properties", work / "config.properties")
+    server = Server(model_store=model_store, config=config, workdir=work / "server").start()
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+

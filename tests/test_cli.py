@@ -1,0 +1,101 @@
+"""The `tvserve` command as a user runs it: a real subprocess, real files, real server."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from tvserve.server import loopback_ports_config
+
+TVSERVE = [sys.executable, "-m", "tvserve.cli"]
+
+
+def run_tvserve(*args, env=None, timeout=300):
+    return subprocess.run([*TVSERVE, *map(str, args)], cwd=REPO, env={**os.environ, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def offline_env(torch_home):
+    """An empty torch hub cache, and a proxy on a closed loopback port: downloads fail at once."""
+    closed = "http://127.0.0.1:9"
+    return {"TORCH_HOME": str(torch_home), "https_proxy": closed, "HTTPS_PROXY": closed,
+            "http_proxy": closed, "HTTP_PROXY": closed, "no_proxy": "", "NO_PROXY": ""}
+
+
+def test_archive_torchvision_offline_without_weights_names_the_file(tmp_path):
+    result = run_tvserve("archive", "torchvision", "resnet18", "--export-path", tmp_path / "store",
+                         env=offline_env(tmp_path / "torch_home"))
+    assert result.returncode == 1
+    assert "resnet18-f37072fd.pth" in result.stderr
+    assert str(tmp_path / "torch_home" / "hub" / "checkpoints") in result.stderr
+    assert "--weights-file" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "store" / "resnet18.mar").exists()
+
+
+def test_archive_uses_torch_hub_cache_and_checks_hash_prefix(tmp_path, resnet18_weights):
+    checkpoints = tmp_path / "torch_home" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "resnet18-f37072fd.pth").write_bytes(resnet18_weights.read_bytes())
+    result = run_tvserve("archive", "torchvision", "resnet18", "--export-path", tmp_path,
+                         env=offline_env(tmp_path / "torch_home"))
+    # random weights under the real file name: the sha256 prefix in the name does not match
+    assert result.returncode == 1
+    assert "corrupt or not the file its name claims" in result.stderr
+
+
+def test_archive_refuses_to_overwrite_without_force(tmp_path, digits_run):
+    checkpoint = digits_run / "checkpoint.pt"
+    assert run_tvserve("archive", "checkpoint", checkpoint, "--export-path", tmp_path).returncode == 0
+    again = run_tvserve("archive", "checkpoint", checkpoint, "--export-path", tmp_path)
+    assert again.returncode == 1 and "--force" in again.stderr
+    assert run_tvserve("archive", "checkpoint", checkpoint, "--export-path", tmp_path, "--force").returncode == 0
+
+
+def test_random_init_is_recorded_and_described(tmp_path):
+    result = run_tvserve("archive", "torchvision", "squeezenet1_1", "--random-init", "--export-path", tmp_path)
+    assert result.returncode == 0, result.stderr
+    described = run_tvserve("describe", tmp_path / "squeezenet1_1.mar")
+    meta = json.loads(described.stdout)
+    assert meta["weights"]["random_init"] is True and meta["weights"]["origin"] == "random-init"
+    assert meta["versions"]["torch"] and meta["versions"]["torchvision"]
+    assert len(meta["weights"]["sha256"]) == 64
+
+
+def broken_copy(mar: Path, dest: Path, edit) -> Path:
+    """A copy of archive `mar` whose tvserve.json is changed by `edit(meta)`."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(mar) as source, zipfile.ZipFile(dest, "w") as out:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename == "tvserve.json":
+                meta = json.loads(data)
+                edit(meta)
+                data = json.dumps(meta)
+            out.writestr(item, data)
+    return dest
+
+
+@pytest.mark.parametrize("case", ["missing_class", "tampered_weights"])
+def test_serve_exits_nonzero_with_the_workers_error(tmp_path, model_store, case):
+    edits = {
+        "missing_class": (lambda meta: meta["model"].update({"class": "NoSuchNet"}),
+                          "has no attribute 'NoSuchNet'"),
+        "tampered_weights": (lambda meta: meta["weights"].update({"sha256": "0" * 64}),
+                             "Tampered archive"),
+    }
+    edit, expected = edits[case]
+    store = tmp_path / "store"
+    broken_copy(model_store / "digits_net.mar", store / "digits_net.mar", edit)
+    config = loopback_ports_config(REPO / "config.properties", tmp_path / "config.properties")
+    result = run_tvserve("serve", "--model-store", store, "--config", config, "--workdir", tmp_path / "w",
+                         "--timeout", 120)
+    assert result.returncode == 1
+    assert "digits_net" in result.stderr and "server stopped" in result.stderr
+    assert expected in result.stderr
+    assert not (tmp_path / "w" / "server.json").exists()
