@@ -49,6 +49,12 @@ def build_model(model_dir: Path, spec: dict) -> torch.nn.Module:
         module_spec = importlib.util.spec_from_file_location(source.stem, source)
         module = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(module)
+        if not isinstance(getattr(module, spec["class"], None), type):
+            defined = [name for name, value in vars(module).items()
+                       if isinstance(value, type) and issubclass(value, torch.nn.Module)
+                       and value.__module__ == module.__name__]
+            raise ValueError(f"{source.name} defines no class {spec['class']!r}; its nn.Module classes: "
+                             f"{', '.join(defined) or 'none'}.")
         return getattr(module, spec["class"])(**kwargs)
     raise ValueError(f"Unknown model builder {spec['builder']!r}: this archive needs a newer tvserve.")
 

@@ -14,7 +14,7 @@ from training.train import get_args_parser, main as train_main
 from tvserve.archive import ArchiveOptions, archive_checkpoint, archive_torchvision
 from tvserve.server import Server, loopback_ports_config
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
 PHOTOS = sorted((Path(sklearn.datasets.__file__).parent / "images").glob("*.jpg"))  # real photos
 DIGITS_EPOCHS = 10
 

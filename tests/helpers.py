@@ -1,9 +1,22 @@
-"""Small HTTP helpers for tests against the live server."""
+"""Helpers for tests: HTTP against the live server, and the CLI as a subprocess."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import requests
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def post_image(server, model, data=None, *, headers=None, files=None, timeout=30):
     """POSTs to /predictions/MODEL: a raw body `data`, or multipart `files`. Returns the response."""
     url = f"{server.inference_url}/predictions/{model}"
     return requests.post(url, data=data, files=files, headers=headers, timeout=timeout)
+
+
+def run_tvserve(*args, env=None, timeout=600):
+    """Runs `tvserve ARGS...` from the repository root; returns the CompletedProcess (text)."""
+    return subprocess.run([sys.executable, "-m", "tvserve.cli", *map(str, args)], cwd=REPO,
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)

@@ -1,23 +1,13 @@
 """The `tvserve` command as a user runs it: a real subprocess, real files, real server."""
 
 import json
-import os
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO, run_tvserve
 from tvserve.server import loopback_ports_config
-
-TVSERVE = [sys.executable, "-m", "tvserve.cli"]
-
-
-def run_tvserve(*args, env=None, timeout=300):
-    return subprocess.run([*TVSERVE, *map(str, args)], cwd=REPO, env={**os.environ, **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def offline_env(torch_home):
@@ -85,7 +75,7 @@ def broken_copy(mar: Path, dest: Path, edit) -> Path:
 def test_serve_exits_nonzero_with_the_workers_error(tmp_path, model_store, case):
     edits = {
         "missing_class": (lambda meta: meta["model"].update({"class": "NoSuchNet"}),
-                          "has no attribute 'NoSuchNet'"),
+                          "models.py defines no class 'NoSuchNet'"),
         "tampered_weights": (lambda meta: meta["weights"].update({"sha256": "0" * 64}),
                              "Tampered archive"),
     }

@@ -6,6 +6,7 @@ Examples:
     tvserve serve                                        # every archive in model_store/, until Ctrl-C
     tvserve predict resnet18 cat.jpg --topk 3
     tvserve describe model_store/resnet18.mar
+    tvserve zoo
 """
 
 import argparse
@@ -59,6 +60,40 @@ def cmd_archive_checkpoint(args):
     from tvserve.archive import archive_checkpoint
 
     print(archive_checkpoint(args.checkpoint, options=archive_options(args)))
+
+
+def cmd_archive_custom(args):
+    from tvserve.archive import archive_custom
+
+    print(archive_custom(
+        model_file=args.model_file, class_name=args.class_name, init_args=args.init_args,
+        weights=args.weights, labels=args.labels, resize=args.resize, crop=args.crop,
+        interpolation=args.interpolation, mean=args.mean, std=args.std, options=archive_options(args),
+    ))
+
+
+def cmd_zoo(args):
+    from tvserve.torchvision_models import zoo
+
+    rows = zoo()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'model':<22} {'weights':<26} {'params':>12} {'resize/crop':>11} {'interp':>8} {'acc@1':>6}")
+    for row in rows:
+        acc = f"{row['acc@1']:.2f}" if row["acc@1"] is not None else "-"
+        weights = row["weights"] + (" (default)" if row["default"] else "")
+        print(f"{row['model']:<22} {weights:<26} {row['params']:>12,} "
+              f"{row['resize']:>5}/{row['crop']:<5} {row['interpolation']:>8} {acc:>6}")
+    print(f"{len({row['model'] for row in rows})} models, {len(rows)} weights")
+
+
+def cmd_register(args):
+    print(client.register(args.archive, management_url=args.management_url, workers=args.workers))
+
+
+def cmd_set_default(args):
+    print(client.set_default_version(args.model, args.model_version, management_url=args.management_url))
 
 
 def cmd_train(args):
@@ -128,8 +163,7 @@ def cmd_describe(args):
     if target.suffix == ".mar" or target.exists():
         print(json.dumps(read_metadata(target), indent=2))
         return
-    for version in client.describe_model(args.target, management_url=args.management_url):
-        print(json.dumps(version, indent=2))
+    print(json.dumps(client.describe_model(args.target, management_url=args.management_url), indent=2))
 
 
 def get_parser():
@@ -159,6 +193,36 @@ def get_parser():
     checkpoint.add_argument("checkpoint", type=Path)
     add_archive_options(checkpoint)
     checkpoint.set_defaults(func=cmd_archive_checkpoint)
+
+    custom = kinds.add_parser("custom", help="any nn.Module classifier from a Python file")
+    custom.add_argument("--model-file", type=Path, required=True, help="Python file defining the module")
+    custom.add_argument("--class", dest="class_name", required=True, help="the nn.Module class in it")
+    custom.add_argument("--init-args", help='constructor keyword arguments as JSON, e.g. \'{"width": 8}\'')
+    custom.add_argument("--weights", type=Path, required=True, help="its state_dict file")
+    custom.add_argument("--labels", type=Path, required=True, help="text file, one label per line")
+    custom.add_argument("--resize", type=int, required=True, help="shorter side after resize")
+    custom.add_argument("--crop", type=int, required=True, help="center crop size")
+    custom.add_argument("--interpolation", default="bilinear", choices=["bilinear", "bicubic", "nearest"])
+    custom.add_argument("--mean", required=True, help="R,G,B, e.g. 0.5,0.5,0.5")
+    custom.add_argument("--std", required=True, help="R,G,B")
+    add_archive_options(custom)
+    custom.set_defaults(func=cmd_archive_custom)
+
+    zoo = commands.add_parser("zoo", help="list torchvision's classification models and weights")
+    zoo.add_argument("--json", action="store_true")
+    zoo.set_defaults(func=cmd_zoo)
+
+    register = commands.add_parser("register", help="load an archive of the model store into a running server")
+    register.add_argument("archive", help="file name in the server's model store, e.g. digits_net-2.0.mar")
+    register.add_argument("--workers", type=int, default=1)
+    register.add_argument("--management-url", default=client.DEFAULT_MANAGEMENT_URL)
+    register.set_defaults(func=cmd_register)
+
+    set_default = commands.add_parser("set-default", help="make a served version the default")
+    set_default.add_argument("model")
+    set_default.add_argument("model_version")
+    set_default.add_argument("--management-url", default=client.DEFAULT_MANAGEMENT_URL)
+    set_default.set_defaults(func=cmd_set_default)
 
     prepare = commands.add_parser("prepare", help="build the default archives that are missing")
     prepare.add_argument("--model-store", type=Path, default=Path("model_store"))

@@ -5,6 +5,7 @@ Everything an archive records about a torchvision model is read from its `Weight
 """
 
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -31,11 +32,14 @@ def get_weights(name: str, weights: str = "DEFAULT"):
         raise TvserveError(f"Unknown torchvision classification model {name!r}. `tvserve zoo` lists them.")
     enum = get_model_weights(name)
     try:
-        return enum[weights]
+        member = enum[weights]
     except KeyError:
         raise TvserveError(
             f"Invalid weights {weights!r} for {name}. Choose DEFAULT or one of: {', '.join(enum.__members__)}."
         ) from None
+    if not member.meta.get("categories"):
+        raise TvserveError(f"{member} has no classifier head (feature-extraction weights): choose other weights.")
+    return member
 
 
 def preset_of(weights) -> dict:
@@ -100,3 +104,29 @@ def find_weights_file(name: str, weights, weights_file=None, progress: bool = Tr
             f"Put that file there (or set TORCH_HOME), or pass --weights-file PATH."
         ) from None
     return cached, "download"
+
+
+def imagenet_acc1(weights):
+    """ImageNet-1K top-1 accuracy (%) from the weights' meta; None where it records none (or NaN)."""
+    acc = weights.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1")
+    return None if acc is None or math.isnan(acc) else acc
+
+
+def zoo() -> list:
+    """Every classification model, one row per weights enum, from the enums' own meta."""
+    rows = []
+    for name in classification_models():
+        enum = get_model_weights(name)
+        for weights in enum:
+            preset = preset_of(weights)
+            rows.append({
+                "model": name,
+                "weights": weights.name,
+                "default": weights is enum.DEFAULT,
+                "params": weights.meta["num_params"],
+                "resize": preset["resize"],
+                "crop": preset["crop"],
+                "interpolation": preset["interpolation"],
+                "acc@1": imagenet_acc1(weights),
+            })
+    return rows
