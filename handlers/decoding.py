@@ -9,9 +9,12 @@ import base64
 import binascii
 import io
 import json
+import logging
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 MAX_PIXELS = 50_000_000  # a 50 MP photo decodes; a bigger header is refused before decoding
@@ -104,7 +107,11 @@ def base64_payload(payload: dict) -> bytes:
 
 
 def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decodes `data` into an upright RGB image, refusing oversize images before decoding pixels."""
+    """Decodes `data` into an upright RGB image, refusing oversize images before decoding pixels.
+
+    Every failure of PIL's decoders on these untrusted bytes is the client's (a 400), whatever
+    exception the decoder raises: truncated headers alone raise OSError, SyntaxError, struct.error...
+    """
     if not data:
         raise RequestError(400, "EmptyBody", "The request body is empty: send image bytes.")
     try:
@@ -116,6 +123,8 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
             400, "UnsupportedImage",
             f"The body is not an image in a supported format ({', '.join(ALLOWED_FORMATS)}).",
         ) from None
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        raise corrupt("image", err) from None
     width, height = image.size
     if width * height > max_pixels:
         raise RequestError(
@@ -124,20 +133,26 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
         )
     try:
         image.load()  # GIF: the first frame
-        image = ImageOps.exif_transpose(image)
-        return to_rgb(image)
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
-        raise RequestError(400, "CorruptImage", f"The {image.format} image is truncated or corrupt: {err}.") from None
+        return to_rgb(ImageOps.exif_transpose(image))
+    except Image.DecompressionBombError as err:
+        raise RequestError(413, "ImageTooLarge", str(err)) from None
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        raise corrupt(f"{image.format} image", err) from None
+
+
+def corrupt(what: str, err: Exception) -> RequestError:
+    log.info("refused a corrupt %s: %s: %s", what, type(err).__name__, err)
+    return RequestError(400, "CorruptImage", f"The {what} is truncated or corrupt ({type(err).__name__}: {err}).")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB: 16/32-bit gray scaled by range, alpha composited on BACKGROUND."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         pixels = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray((np.clip(pixels, 0, 65535) / 257.0).round().astype(np.uint8), mode="L")
+        image = Image.fromarray((np.clip(pixels, 0, 65535) / 257.0).round().astype(np.uint8))
     elif image.mode == "F":
         pixels = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray((np.clip(pixels, 0.0, 1.0) * 255.0).round().astype(np.uint8), mode="L")
+        image = Image.fromarray((np.clip(pixels, 0.0, 1.0) * 255.0).round().astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         image.mode == "P" and "transparency" in image.info
     ):

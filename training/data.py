@@ -33,7 +33,7 @@ def digits_as_images():
     digits = load_digits()
     images = []
     for scan in digits.images:  # values 0..16, ink high
-        gray = Image.fromarray((scan * (255.0 / 16.0)).round().astype(np.uint8), mode="L")
+        gray = Image.fromarray((scan * (255.0 / 16.0)).round().astype(np.uint8))
         rgb = gray.resize((INPUT_SIZE, INPUT_SIZE), Image.Resampling.BILINEAR).convert("RGB")
         images.append(TF.pil_to_tensor(rgb))
     classes = [str(name) for name in digits.target_names]
