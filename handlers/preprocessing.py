@@ -16,8 +16,8 @@ INTERPOLATIONS = {mode.value: mode for mode in (
 )}
 
 
-def build_transform(preset: dict) -> transforms.Compose:
-    """PIL RGB image -> Tensor[3, crop, crop] float32, normalised with the preset's mean/std."""
+def build_geometry(preset: dict) -> transforms.Compose:
+    """PIL RGB image -> Tensor[3, crop, crop] uint8: the preset's resize and center crop."""
     interpolation = preset.get("interpolation", "bilinear")
     if interpolation not in INTERPOLATIONS:
         raise ValueError(
@@ -27,6 +27,13 @@ def build_transform(preset: dict) -> transforms.Compose:
         transforms.Resize(preset["resize"], interpolation=INTERPOLATIONS[interpolation], antialias=True),
         transforms.CenterCrop(preset["crop"]),
         transforms.PILToTensor(),
+    ])
+
+
+def build_transform(preset: dict) -> transforms.Compose:
+    """PIL RGB image -> Tensor[3, crop, crop] float32, normalised with the preset's mean/std."""
+    return transforms.Compose([
+        *build_geometry(preset).transforms,
         transforms.ConvertImageDtype(torch.float32),
         transforms.Normalize(preset["mean"], preset["std"]),
     ])

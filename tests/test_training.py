@@ -1,11 +1,22 @@
-"""Training writes plain, safely loadable checkpoints with everything serving needs."""
+"""Training: the book's whole family on digits, CIFAR and image folders, with checkpoints that
+load safely, repeat exactly and serve without edits."""
 
+import io
 import json
+import pickle
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from handlers.preprocessing import build_geometry
+from helpers import post_image, run_tvserve
+from training.data import CIFAR10Files, DatasetError, PRESET, decode_like_the_server, load_dataset, normalise
 from training.models import ARCHITECTURES, build_model
+from training.train import get_args_parser, main as train_main
+from tvserve import client
+from tvserve.archive import ArchiveOptions, archive_checkpoint
 
 
 def test_checkpoint_is_a_plain_dict_loadable_with_weights_only(digits_run):
@@ -39,3 +50,157 @@ def test_every_architecture_takes_any_batch_size(arch):
 def test_unknown_architecture_lists_the_choices():
     with pytest.raises(ValueError, match="Choose one of: Net, NetWidth"):
         build_model("ResNet9000")
+
+
+COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
+
+
+def train(out, *extra):
+    args = get_args_parser().parse_args(["--out", str(out), "--quiet", *map(str, extra)])
+    return train_main(args)
+
+
+@pytest.fixture(scope="module")
+def image_folder(work):
+    """Three classes of noisy coloured shapes, any sizes, PNG and JPEG: a user's own folder."""
+    root = work / "imagefolder"
+    rng = np.random.default_rng(0)
+    for name, colour in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for i in range(16):
+            width, height = rng.integers(24, 90, size=2)
+            pixels = np.clip(rng.normal(colour, 40, size=(height, width, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+def in_process_probabilities(checkpoint, files):
+    model = build_model(checkpoint["arch"], **checkpoint["arch_args"])
+    model.load_state_dict(checkpoint["state_dict"])
+    geometry = build_geometry(PRESET)
+    images = torch.stack([geometry(decode_like_the_server(path)) for path in files])
+    batch = normalise(images, checkpoint["mean"], checkpoint["std"])
+    with torch.inference_mode():
+        eval_out = torch.softmax(model.eval()(batch), dim=1)
+        train_out = torch.softmax(model.train()(batch), dim=1)
+    return eval_out, train_out
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_every_architecture_trains_on_an_image_folder_and_serves_in_eval_mode(
+        arch, image_folder, work, server, model_store):
+    run = work / "family" / arch
+    train(run, "--model", arch, "--dataset", f"imagefolder:{image_folder}", "--epochs", 1, "--augment",
+          "--n-chans1", 8, "--n-blocks", 2, "--batch-size", 8)
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert checkpoint["arch"] == arch and checkpoint["classes"] == ["blue", "green", "red"]
+    name = f"family_{arch.lower()}"
+    archive = archive_checkpoint(run / "checkpoint.pt", options=ArchiveOptions(model_name=name, export_path=model_store))
+    files = sorted(image_folder.glob("*/*"))[::4]
+    eval_out, train_out = in_process_probabilities(checkpoint, files)
+    client.register(archive.name, management_url=server.management_url)
+    try:
+        for path, expected in zip(files, eval_out):
+            response = post_image(server, name, path.read_bytes(), headers={"X-TopK": "3"})
+            assert response.status_code == 200, response.text
+            served = torch.zeros(3)
+            for item in response.json():
+                served[item["index"]] = item["probability"]
+            torch.testing.assert_close(served, expected, rtol=0, atol=1e-5)
+    finally:
+        client.unregister(name, "1.0", management_url=server.management_url)
+    if arch in ("NetDropout", "NetBatchNorm", "NetResDeep"):  # train mode would answer otherwise
+        assert not torch.allclose(train_out, eval_out, atol=1e-3)
+
+
+def test_same_seed_same_data_gives_identical_checkpoints(tmp_path, image_folder):
+    for run in ("a", "b"):
+        train(tmp_path / run, "--model", "NetDropout", "--dataset", f"imagefolder:{image_folder}",
+              "--epochs", 2, "--augment", "--seed", 7, "--batch-size", 8)
+    a, b = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True) for run in ("a", "b"))
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    train(tmp_path / "c", "--model", "NetDropout", "--dataset", f"imagefolder:{image_folder}",
+          "--epochs", 2, "--augment", "--seed", 8, "--batch-size", 8)
+    c = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=True)
+    assert not torch.equal(a["state_dict"]["fc2.weight"], c["state_dict"]["fc2.weight"])
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path, image_folder):
+    common = ["--model", "NetBatchNorm", "--dataset", f"imagefolder:{image_folder}", "--augment",
+              "--batch-size", 8, "--n-chans1", 8]
+    train(tmp_path / "straight", *common, "--epochs", 3)
+    train(tmp_path / "resumed", *common, "--epochs", 1)
+    train(tmp_path / "resumed", *common, "--epochs", 3, "--resume")
+    straight, resumed = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("straight", "resumed"))
+    for key in straight["model"]:
+        assert torch.equal(straight["model"][key], resumed["model"][key]), key
+    assert [row["val_loss"] for row in straight["history"]] == [row["val_loss"] for row in resumed["history"]]
+
+
+@pytest.mark.parametrize("mode", ["optimizer", "loss"])
+def test_weight_decay_either_way_shrinks_the_weights(tmp_path, mode):
+    def weight_norm(run):
+        state = torch.load(run / "last.pt", weights_only=True)["model"]
+        return sum(t.pow(2).sum() for k, t in state.items() if k.endswith("weight")).item()
+
+    train(tmp_path / "plain", "--epochs", 2)
+    train(tmp_path / mode, "--epochs", 2, "--weight-decay", 0.01, "--l2-mode", mode)
+    assert weight_norm(tmp_path / mode) < 0.95 * weight_norm(tmp_path / "plain")
+
+
+def test_run_folder_has_metrics_and_a_curves_plot(digits_run):
+    png = (digits_run / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and Image.open(io.BytesIO(png)).size == (1000, 400)
+
+
+def write_tiny_cifar(root, per_batch=30, seed=0):
+    """A small dataset in CIFAR-10's on-disk format (pickled batches of 3072-byte rows)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    for batch in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = [int(x) for x in rng.integers(0, 10, per_batch)]
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        with open(folder / batch, "wb") as stream:
+            pickle.dump({"data": data, "labels": labels, "batch_label": batch}, stream)
+    with open(folder / "batches.meta", "wb") as stream:
+        pickle.dump({"label_names": names, "num_cases_per_batch": per_batch}, stream)
+    return labels
+
+
+def test_cifar2_runs_through_torchvisions_loader_offline(tmp_path):
+    write_tiny_cifar(tmp_path)
+    split = load_dataset("cifar2", data_dir=tmp_path)
+    full = CIFAR10Files(tmp_path, train=True)
+    expected = sum(label in (0, 2) for label in full.targets)
+    assert split.classes == ["airplane", "bird"] and len(split.train_labels) == expected
+    assert set(split.train_labels.tolist()) <= {0, 1}
+    first = next(i for i, label in enumerate(full.targets) if label in (0, 2))
+    assert torch.equal(split.train_images[0], torch.from_numpy(full.data[first]).permute(2, 0, 1))
+    best = train(tmp_path / "run", "--model", "NetBatchNorm", "--dataset", "cifar2", "--data-dir", tmp_path,
+                 "--epochs", 1, "--n-chans1", 8)
+    assert 0 <= best["val_accuracy"] <= 1
+    checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["classes"] == ["airplane", "bird"] and checkpoint["arch_args"]["n_classes"] == 2
+
+
+def test_cifar_offline_without_data_says_where_to_put_it(tmp_path, monkeypatch):
+    for proxy in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")
+    with pytest.raises(DatasetError) as error:
+        load_dataset("cifar10", data_dir=tmp_path)
+    assert str(tmp_path / "cifar-10-batches-py") in str(error.value)
+    assert "cifar-10-python.tar.gz" in str(error.value)
+
+
+def test_evaluate_in_process_and_served_agree(server, digits_run):
+    result = run_tvserve("evaluate", digits_run / "checkpoint.pt", "--url", server.inference_url,
+                         "--model", "digits_net", "--json")
+    assert result.returncode == 0, result.stderr
+    local, served = json.loads(result.stdout)
+    assert local["confusion_matrix"] == served["confusion_matrix"]
+    assert local["accuracy"] == served["accuracy"] > 0.9
+    assert sum(map(sum, local["confusion_matrix"])) == local["n"]

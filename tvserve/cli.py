@@ -16,6 +16,7 @@ import signal
 import sys
 from pathlib import Path
 
+from training.data import DatasetError
 from tvserve import TvserveError, client
 
 log = logging.getLogger("tvserve")
@@ -94,6 +95,16 @@ def cmd_register(args):
 
 def cmd_set_default(args):
     print(client.set_default_version(args.model, args.model_version, management_url=args.management_url))
+
+
+def cmd_evaluate(args):
+    from tvserve.evaluate import evaluate, format_report
+
+    reports = evaluate(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
+                       url=args.url, model=args.model)
+    print(json.dumps(reports, indent=2) if args.json else "\n\n".join(map(format_report, reports)))
+    if len(reports) == 2 and reports[0]["confusion_matrix"] != reports[1]["confusion_matrix"]:
+        raise TvserveError("The served model does not agree with the checkpoint in-process.")
 
 
 def cmd_train(args):
@@ -224,6 +235,16 @@ def get_parser():
     set_default.add_argument("--management-url", default=client.DEFAULT_MANAGEMENT_URL)
     set_default.set_defaults(func=cmd_set_default)
 
+    evaluate = commands.add_parser("evaluate", help="accuracy and confusion matrix of a checkpoint, "
+                                   "in-process and (with --url) through a running server")
+    evaluate.add_argument("checkpoint", type=Path)
+    evaluate.add_argument("--dataset", help="default: the checkpoint's own, with its validation split")
+    evaluate.add_argument("--data-dir", type=Path)
+    evaluate.add_argument("--url", help="inference URL of a server serving the checkpoint")
+    evaluate.add_argument("--model", help="the served model's name (with --url)")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(func=cmd_evaluate)
+
     prepare = commands.add_parser("prepare", help="build the default archives that are missing")
     prepare.add_argument("--model-store", type=Path, default=Path("model_store"))
     prepare.add_argument("--runs", type=Path, default=Path("runs"))
@@ -262,7 +283,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         args.func(args)
-    except TvserveError as err:
+    except (TvserveError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
