@@ -12,7 +12,7 @@ import torchvision.transforms.functional as TF
 from training.data import load_dataset
 from training.train import get_args_parser, main as train_main
 from tvserve.archive import ArchiveOptions, archive_checkpoint, archive_torchvision
-from tvserve.server import Server, loopback_ports_config
+from tvserve.server import Server, free_ports_config
 
 from helpers import REPO
 PHOTOS = sorted((Path(sklearn.datasets.__file__).parent / "images").glob("*.jpg"))  # real photos
@@ -71,7 +71,7 @@ def model_store(work, digits_run, resnet18_weights):
 
 @pytest.fixture(scope="session")
 def server(work, model_store):
-    config = loopback_ports_config(REPO / "config.properties", work / "config.properties")
+    config = free_ports_config(REPO / "config.properties", work / "config.properties")
     server = Server(model_store=model_store, config=config, workdir=work / "server").start()
     try:
         server.wait_ready()

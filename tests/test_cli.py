@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, run_tvserve
-from tvserve.server import loopback_ports_config
+from tvserve.server import free_ports_config
 
 
 def offline_env(torch_home):
@@ -82,7 +82,7 @@ def test_serve_exits_nonzero_with_the_workers_error(tmp_path, model_store, case)
     edit, expected = edits[case]
     store = tmp_path / "store"
     broken_copy(model_store / "digits_net.mar", store / "digits_net.mar", edit)
-    config = loopback_ports_config(REPO / "config.properties", tmp_path / "config.properties")
+    config = free_ports_config(REPO / "config.properties", tmp_path / "config.properties")
     result = run_tvserve("serve", "--model-store", store, "--config", config, "--workdir", tmp_path / "w",
                          "--timeout", 120)
     assert result.returncode == 1

@@ -21,7 +21,9 @@ from tvserve import TvserveError, client
 
 log = logging.getLogger("tvserve")
 
-DEFAULT_WORKDIR = Path(".tvserve")  # logs, temp files and the running server's state
+DEFAULT_WORKDIR = Path(".tvserve")  # logs, temp files, API keys and the running server's state
+DEVELOPMENT_CONFIG = Path("config.properties")
+PRODUCTION_CONFIG = Path("config.production.properties")
 
 
 def add_archive_options(parser):
@@ -90,11 +92,22 @@ def cmd_zoo(args):
 
 
 def cmd_register(args):
-    print(client.register(args.archive, management_url=args.management_url, workers=args.workers))
+    print(client.register(args.archive, management_url=args.management_url, workers=args.workers,
+                          token=keys(args).get("management")))
 
 
 def cmd_set_default(args):
-    print(client.set_default_version(args.model, args.model_version, management_url=args.management_url))
+    print(client.set_default_version(args.model, args.model_version, management_url=args.management_url,
+                                     token=keys(args).get("management")))
+
+
+def cmd_health(args):
+    from tvserve.server import health
+
+    ready, line = health(args.workdir)
+    print(line)
+    if not ready:
+        raise SystemExit(1)
 
 
 def cmd_evaluate(args):
@@ -123,7 +136,8 @@ def cmd_serve(args):
     from tvserve.server import Server
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    server = Server(model_store=args.model_store, config=args.config, workdir=args.workdir, models=args.models)
+    config = args.config or (PRODUCTION_CONFIG if args.production else DEVELOPMENT_CONFIG)
+    server = Server(model_store=args.model_store, config=config, workdir=args.workdir, models=args.models)
     models = server.expected_models()
     if not models:
         raise TvserveError(f"No archives in {server.model_store}. Run `tvserve prepare` or `tvserve archive ...`.")
@@ -137,7 +151,12 @@ def cmd_serve(args):
         print(f"Ready: {', '.join(models)}")
         print(f"  inference:  {server.inference_url}/predictions/<model>")
         print(f"  management: {server.management_url}/models")
-        print(f"  try: curl -T some.jpg {server.inference_url}/predictions/{models[0]}", flush=True)
+        token = server.keys().get("inference")
+        auth = f'-H "Authorization: Bearer {token}" ' if token else ""
+        local = server.inference_url.replace("0.0.0.0", "127.0.0.1")
+        print(f"  try: curl {auth}-T some.jpg {local}/predictions/{models[0]}", flush=True)
+        if token:
+            print(f"  token authorization is on: keys in {args.workdir / client.KEY_FILE} (mode 0600)")
         if args.detach:
             detached = True
             print(f"Detached (pid {server.process.pid}); stop it with `tvserve stop --workdir {args.workdir}`.")
@@ -159,9 +178,16 @@ def cmd_stop(args):
     print("stopped")
 
 
+def keys(args) -> dict:
+    """API keys of the server whose working directory is --workdir ({} with tokens off)."""
+    return client.read_keys(args.workdir)
+
+
 def cmd_predict(args):
+    token = keys(args).get("inference")
     for image in args.images:
-        results = client.predict(args.model, image, url=args.url, topk=args.topk, version=args.model_version)
+        results = client.predict(args.model, image, url=args.url, topk=args.topk, version=args.model_version,
+                                 token=token)
         print(f"{image}:")
         for item in results:
             print(f"  {item['probability']:.4f}  {item['label']} ({item['index']})")
@@ -174,7 +200,8 @@ def cmd_describe(args):
     if target.suffix == ".mar" or target.exists():
         print(json.dumps(read_metadata(target), indent=2))
         return
-    print(json.dumps(client.describe_model(args.target, management_url=args.management_url), indent=2))
+    print(json.dumps(client.describe_model(args.target, management_url=args.management_url,
+                                           token=keys(args).get("management")), indent=2))
 
 
 def get_parser():
@@ -227,12 +254,14 @@ def get_parser():
     register.add_argument("archive", help="file name in the server's model store, e.g. digits_net-2.0.mar")
     register.add_argument("--workers", type=int, default=1)
     register.add_argument("--management-url", default=client.DEFAULT_MANAGEMENT_URL)
+    register.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where the server keeps its API keys")
     register.set_defaults(func=cmd_register)
 
     set_default = commands.add_parser("set-default", help="make a served version the default")
     set_default.add_argument("model")
     set_default.add_argument("model_version")
     set_default.add_argument("--management-url", default=client.DEFAULT_MANAGEMENT_URL)
+    set_default.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where the server keeps its API keys")
     set_default.set_defaults(func=cmd_set_default)
 
     evaluate = commands.add_parser("evaluate", help="accuracy and confusion matrix of a checkpoint, "
@@ -252,12 +281,18 @@ def get_parser():
 
     serve = commands.add_parser("serve", help="run TorchServe until Ctrl-C, once every model is READY")
     serve.add_argument("--model-store", type=Path, default=Path("model_store"))
-    serve.add_argument("--config", type=Path, default=Path("config.properties"))
+    serve.add_argument("--config", type=Path, help=f"default: {DEVELOPMENT_CONFIG}, or {PRODUCTION_CONFIG}")
+    serve.add_argument("--production", action="store_true",
+                       help="token auth, management on loopback, no registration API (the container's)")
     serve.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     serve.add_argument("--models", default="all", help="all, or NAME.mar[,NAME.mar...]")
     serve.add_argument("--timeout", type=float, help="s to wait for READY (default: archives' startupTimeout)")
     serve.add_argument("--detach", action="store_true", help="return once ready, leaving the server running")
     serve.set_defaults(func=cmd_serve)
+
+    health = commands.add_parser("health", help="exit 0 only when every model's workers are READY")
+    health.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    health.set_defaults(func=cmd_health)
 
     stop = commands.add_parser("stop", help="stop a server started with --detach")
     stop.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
@@ -269,11 +304,13 @@ def get_parser():
     predict.add_argument("--url", default=client.DEFAULT_URL)
     predict.add_argument("--topk", type=int)
     predict.add_argument("--model-version")
+    predict.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where the server keeps its API keys")
     predict.set_defaults(func=cmd_predict)
 
     describe = commands.add_parser("describe", help="metadata of a .mar file or of a served model")
     describe.add_argument("target", help="path to a .mar, or a served model's name")
     describe.add_argument("--management-url", default=client.DEFAULT_MANAGEMENT_URL)
+    describe.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where the server keeps its API keys")
     describe.set_defaults(func=cmd_describe)
     return parser
 

@@ -1,8 +1,8 @@
 """A small HTTP client for a running tvserve: predictions and the management API.
 
-Predictions are idempotent, so a prediction that meets a connection error or a 503 (worker
-restarting, queue full) is retried with bounded exponential backoff, honouring the server's
-Retry-After. With token authorization on, pass the key from the server's key file
+Predictions are idempotent, so a prediction that meets a connection error, a 503 (queue full,
+no worker yet) or TorchServe's 507 (the worker died under the request) is retried with bounded
+exponential backoff, honouring the server's Retry-After. With token authorization on, pass the key from the server's key file
 (`read_keys(workdir)`).
 """
 
@@ -23,6 +23,7 @@ KEY_FILE = "key_file.json"  # written by TorchServe in its working directory whe
 RETRIES = 4  # after the first try: 0.5 + 1 + 2 + 4 s of backoff at most
 BACKOFF = 0.5  # s, doubled each retry
 MAX_WAIT = 10.0  # s, the most one Retry-After is honoured for
+RETRY_STATUSES = (503, 507)
 
 
 def read_keys(workdir) -> dict:
@@ -56,12 +57,12 @@ def retry_delay(response, attempt: int) -> float:
 
 def post_with_retries(url: str, *, data: bytes, headers: dict, timeout: float, retries: int = RETRIES,
                       session=requests) -> requests.Response:
-    """POSTs, retrying connection errors and 503s; returns the last response."""
+    """POSTs, retrying connection errors and RETRY_STATUSES; returns the last response."""
     for attempt in range(retries + 1):
         response = None
         try:
             response = session.post(url, data=data, headers=headers, timeout=timeout)
-            if response.status_code != 503:
+            if response.status_code not in RETRY_STATUSES:
                 return response
         except requests.ConnectionError:
             if attempt == retries:

@@ -21,6 +21,7 @@ import requests
 import yaml
 
 from tvserve import TvserveError
+from tvserve.client import KEY_FILE, bearer, read_keys
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def loopback_ports_config(base: Path, dest: Path) -> Path:
-    """A copy of config `base` with every port moved to a free loopback port (for tests)."""
+def free_ports_config(base: Path, dest: Path) -> Path:
+    """A copy of config `base` with every port moved to a free one, each on its own host."""
     properties = read_properties(base)
     for key in ("inference_address", "management_address", "metrics_address"):
-        properties[key] = f"http://127.0.0.1:{free_port()}"
+        host = properties.get(key, "http://127.0.0.1:0").rsplit(":", 1)[0]
+        properties[key] = f"{host}:{free_port()}"
     for key in ("grpc_inference_port", "grpc_management_port"):
         properties[key] = str(free_port())
     return write_properties(dest, properties)
@@ -122,6 +124,7 @@ class Server:
         if not self.model_store.is_dir():
             raise TvserveError(f"No model store at {self.model_store}. Build archives with `tvserve archive`.")
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / KEY_FILE).unlink(missing_ok=True)  # TorchServe writes fresh keys at start
         command = [
             str(Path(sys.executable).with_name("torchserve")), "--start", "--foreground", "--ncs",
             "--model-store", str(self.model_store), "--ts-config", str(self.config),
@@ -137,17 +140,13 @@ class Server:
         }))
         return self
 
+    def keys(self) -> dict:
+        """The API keys TorchServe wrote in its working directory ({} with tokens off)."""
+        return read_keys(self.workdir)
+
     def model_status(self) -> dict:
         """{model name: (READY workers, workers wanted)} for every version the server knows."""
-        status = {}
-        listing = requests.get(f"{self.management_url}/models", timeout=5).json()
-        for entry in listing.get("models", []):
-            name = entry["modelName"]
-            versions = requests.get(f"{self.management_url}/models/{name}/all", timeout=5).json()
-            ready = sum(1 for v in versions for w in v.get("workers", []) if w.get("status") == "READY")
-            wanted = sum(max(1, int(v.get("minWorkers", 1))) for v in versions)
-            status[name] = (ready, wanted)
-        return status
+        return model_status(self.management_url, self.keys().get("management"))
 
     def not_ready(self) -> list:
         """Expected models whose workers are not all READY yet (all of them if the API is down)."""
@@ -216,8 +215,42 @@ class Server:
         signal_group(self.process.pid, signal.SIGKILL)  # workers left behind, if any
         self.process.wait()
         self.console.close()
-        (self.workdir / STATE_FILE).unlink(missing_ok=True)
+        forget(self.workdir)
         return self.process.returncode
+
+
+def model_status(management_url: str, token: str = None) -> dict:
+    """{model name: (READY workers, workers wanted)} for every model version a server knows."""
+    headers = bearer(token)
+    status = {}
+    listing = requests.get(f"{management_url}/models", headers=headers, timeout=5)
+    listing.raise_for_status()
+    for entry in listing.json().get("models", []):
+        name = entry["modelName"]
+        versions = requests.get(f"{management_url}/models/{name}/all", headers=headers, timeout=5).json()
+        ready = sum(1 for v in versions for w in v.get("workers", []) if w.get("status") == "READY")
+        wanted = sum(max(1, int(v.get("minWorkers", 1))) for v in versions)
+        status[name] = (ready, wanted)
+    return status
+
+
+def health(workdir: Path) -> tuple:
+    """(ready?, one line) for the server recorded in `workdir`: ready only when every model it
+    knows has all its workers READY, which `/ping` does not tell."""
+    state_path = Path(workdir) / STATE_FILE
+    if not state_path.exists():
+        return False, f"no server recorded in {state_path}"
+    state = json.loads(state_path.read_text())
+    try:
+        status = model_status(state["management"], read_keys(workdir).get("management"))
+    except (requests.RequestException, ValueError) as err:
+        return False, f"management API at {state['management']} does not answer: {err}"
+    waiting = {name: counts for name, counts in status.items() if counts[0] < counts[1]}
+    if not status:
+        return False, "no model is registered"
+    if waiting:
+        return False, "not ready: " + ", ".join(f"{name} {r}/{w} workers READY" for name, (r, w) in waiting.items())
+    return True, "ready: " + ", ".join(f"{name} {r}/{w}" for name, (r, w) in status.items())
 
 
 def signal_group(pgid: int, signum: int) -> None:
@@ -238,8 +271,14 @@ def stop_recorded(workdir: Path, timeout: float = 60) -> bool:
     while time.monotonic() < deadline and group_alive(pid):
         time.sleep(0.2)
     signal_group(pid, signal.SIGKILL)
-    state_path.unlink(missing_ok=True)
+    forget(Path(workdir))
     return True
+
+
+def forget(workdir: Path) -> None:
+    """Removes a stopped server's state file and API keys."""
+    for name in (STATE_FILE, KEY_FILE):
+        (workdir / name).unlink(missing_ok=True)
 
 
 def group_alive(pgid: int) -> bool:
