@@ -12,6 +12,7 @@ Lifecycle, in the TorchServe worker:
 Everything here imports torch, torchvision, PIL and the files shipped in the archive only.
 """
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -85,6 +86,21 @@ def thread_budget(context) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
+@contextlib.contextmanager
+def busy_marker():
+    """A file that exists while this worker runs a batch, so that a graceful stop
+    (tvserve.server.drain) waits for it. Only when the server names a folder for them."""
+    folder = os.environ.get("TVSERVE_BUSY_DIR")
+    marker = Path(folder) / str(os.getpid()) if folder else None
+    if marker:
+        marker.touch()
+    try:
+        yield
+    finally:
+        if marker:
+            marker.unlink(missing_ok=True)
+
+
 class ImageClassifier:
     """TorchServe entry point (the archive's only handler class)."""
 
@@ -124,6 +140,10 @@ class ImageClassifier:
     def handle(self, data, context):
         if context.get_request_header(0, "describe") == "True":  # GET /models/NAME?customized=true
             return [json.dumps(self.meta)]
+        with busy_marker():
+            return self.handle_batch(data, context)
+
+    def handle_batch(self, data, context):
         responses = [None] * len(data)
         accepted, tensors = [], []
         for idx, request in enumerate(data):

@@ -18,7 +18,8 @@ from conftest import PHOTOS
 from helpers import REPO, post_image, run_tvserve
 from test_cli import broken_copy
 from tvserve import TvserveError, client
-from tvserve.server import (Server, free_port, free_ports_config, health, model_status, read_properties,
+from tvserve.server import (Server, free_port, free_ports_config, health, model_status, pending_requests,
+                            read_properties,
                             write_properties)
 
 
@@ -252,3 +253,34 @@ def test_health_says_not_ready_while_ping_says_healthy(work, model_store):
     assert ping.status_code == 200 and ping.json()["status"] == "Healthy"
     assert not ready and "digits_net 0/1 workers READY" in line
     assert result.returncode == 1 and "not ready" in result.stdout
+
+
+def test_stop_lets_accepted_requests_finish(work, model_store):
+    folder = work / "graceful"
+    store = folder / "model_store"
+    store.mkdir(parents=True)
+    (store / "resnet18.mar").write_bytes((model_store / "resnet18.mar").read_bytes())
+    server = start_server(folder, store, REPO / "config.properties")
+    server.wait_ready()
+    image = PHOTOS[0].read_bytes()
+
+    def predict(_):
+        try:
+            return post_image(server, "resnet18", image, timeout=60).status_code
+        except requests.ConnectionError as err:
+            return type(err).__name__
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        in_flight = [pool.submit(predict, i) for i in range(8)]
+        time.sleep(0.3)  # all eight accepted: one in the worker, the rest queued
+        pending = sum(pending_requests(server.management_url).values())
+        started = time.monotonic()
+        code = server.stop()
+        stopped_in = time.monotonic() - started
+        answers = [future.result() for future in in_flight]
+    print(f"\ngraceful stop: {pending} queued when asked, stopped in {stopped_in:.1f} s, answers {answers}")
+    assert pending >= 1  # the stop had requests to wait for
+    assert answers == [200] * 8
+    with pytest.raises(requests.ConnectionError):  # and nothing is accepted afterwards
+        post_image(server, "resnet18", image, timeout=10)
+    assert code is not None and not any(server.busy_dir.iterdir())

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import psutil
 import requests
 import yaml
 
@@ -29,6 +31,7 @@ STATE_FILE = "server.json"
 EXTRA_STARTUP_SECONDS = 30  # JVM start and worker spawn, on top of the archives' startupTimeout
 ERROR_LINE = re.compile(r"\b\w*(Error|Exception)\b: .+")
 WRAPPER_ERROR = re.compile(r"RuntimeError: \d{3} - ")  # TorchServe's re-raise of the real error
+DRAIN_SECONDS = 30  # the longest a stop waits for accepted requests to finish
 FAILED_LOADS_BEFORE_GIVING_UP = 2  # TorchServe retries a dead worker forever, with backoff
 
 
@@ -101,6 +104,10 @@ class Server:
     def log_dir(self) -> Path:
         return self.workdir / "logs"
 
+    @property
+    def busy_dir(self) -> Path:
+        return self.workdir / "busy"
+
     def expected_models(self) -> list:
         if self.models == "all":
             return sorted({archive_model_name(path) for path in self.model_store.glob("*.mar")})
@@ -115,6 +122,7 @@ class Server:
         tmp = self.workdir / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         env.update(TMPDIR=str(tmp), TEMP=str(tmp), LOG_LOCATION=str(self.log_dir), METRICS_LOCATION=str(self.log_dir))
+        env["TVSERVE_BUSY_DIR"] = str(self.busy_dir)  # workers mark the batches they are running
         threads = self.properties.get("tvserve_threads_per_worker")
         if threads and "TVSERVE_THREADS" not in env:
             env["TVSERVE_THREADS"] = threads
@@ -125,6 +133,8 @@ class Server:
             raise TvserveError(f"No model store at {self.model_store}. Build archives with `tvserve archive`.")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         (self.workdir / KEY_FILE).unlink(missing_ok=True)  # TorchServe writes fresh keys at start
+        shutil.rmtree(self.busy_dir, ignore_errors=True)
+        self.busy_dir.mkdir()
         command = [
             str(Path(sys.executable).with_name("torchserve")), "--start", "--foreground", "--ncs",
             "--model-store", str(self.model_store), "--ts-config", str(self.config),
@@ -136,7 +146,8 @@ class Server:
             stdout=self.console, stderr=subprocess.STDOUT,
         )
         (self.workdir / STATE_FILE).write_text(json.dumps({
-            "pid": self.process.pid, "inference": self.inference_url, "management": self.management_url,
+            "pid": self.process.pid, "owner": os.getpid(),
+            "inference": self.inference_url, "management": self.management_url,
         }))
         return self
 
@@ -202,11 +213,13 @@ class Server:
         path = self.log_dir / "console.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
-    def stop(self, timeout: float = 60) -> int:
-        """SIGTERM to the whole process tree, SIGKILL after `timeout`; returns the exit code."""
+    def stop(self, timeout: float = 60, drain_timeout: float = DRAIN_SECONDS) -> int:
+        """Lets accepted requests finish (up to `drain_timeout`), then SIGTERM to the whole
+        process tree, SIGKILL after `timeout`; returns the exit code."""
         if self.process is None:
             return 0
         if self.process.poll() is None:
+            drain(self.management_url, self.keys().get("management"), self.busy_dir, drain_timeout)
             signal_group(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout)
@@ -219,19 +232,53 @@ class Server:
         return self.process.returncode
 
 
-def model_status(management_url: str, token: str = None) -> dict:
-    """{model name: (READY workers, workers wanted)} for every model version a server knows."""
+def drain(management_url: str, token: str, busy_dir: Path, timeout: float) -> bool:
+    """Waits until no request is queued (the management API's pendingRequests) and no worker runs
+    a batch (its marker in `busy_dir`), twice in a row; False if that takes over `timeout`.
+
+    TorchServe closes every connection at once when told to stop, so this is what lets the
+    requests it has accepted finish. New requests still arrive meanwhile: stop routing first."""
+    deadline = time.monotonic() + timeout
+    idle_polls = 0
+    while time.monotonic() < deadline:
+        try:
+            pending = sum(pending_requests(management_url, token).values())
+        except (requests.RequestException, ValueError):
+            return False  # nothing more can be learned; stop anyway
+        busy = any(Path(busy_dir).glob("*"))
+        idle_polls = idle_polls + 1 if not pending and not busy else 0
+        if idle_polls >= 2:
+            return True
+        time.sleep(0.05)
+    log.warning("requests still in flight after %.0f s of draining: stopping anyway", timeout)
+    return False
+
+
+def model_versions(management_url: str, token: str = None) -> dict:
+    """{model name: the management API's description of each of its versions}."""
     headers = bearer(token)
-    status = {}
     listing = requests.get(f"{management_url}/models", headers=headers, timeout=5)
     listing.raise_for_status()
-    for entry in listing.json().get("models", []):
-        name = entry["modelName"]
-        versions = requests.get(f"{management_url}/models/{name}/all", headers=headers, timeout=5).json()
-        ready = sum(1 for v in versions for w in v.get("workers", []) if w.get("status") == "READY")
-        wanted = sum(max(1, int(v.get("minWorkers", 1))) for v in versions)
-        status[name] = (ready, wanted)
-    return status
+    return {
+        entry["modelName"]: requests.get(f"{management_url}/models/{entry['modelName']}/all",
+                                         headers=headers, timeout=5).json()
+        for entry in listing.json().get("models", [])
+    }
+
+
+def pending_requests(management_url: str, token: str = None) -> dict:
+    """{model name: requests waiting in its job queues}."""
+    return {name: sum(v.get("jobQueueStatus", {}).get("pendingRequests", 0) for v in versions)
+            for name, versions in model_versions(management_url, token).items()}
+
+
+def model_status(management_url: str, token: str = None) -> dict:
+    """{model name: (READY workers, workers wanted)} over all its versions."""
+    return {
+        name: (sum(1 for v in versions for w in v.get("workers", []) if w.get("status") == "READY"),
+               sum(max(1, int(v.get("minWorkers", 1))) for v in versions))
+        for name, versions in model_versions(management_url, token).items()
+    }
 
 
 def health(workdir: Path) -> tuple:
@@ -265,8 +312,13 @@ def stop_recorded(workdir: Path, timeout: float = 60) -> bool:
     state_path = Path(workdir) / STATE_FILE
     if not state_path.exists():
         return False
-    pid = json.loads(state_path.read_text())["pid"]
-    signal_group(pid, signal.SIGTERM)
+    state = json.loads(state_path.read_text())
+    pid, owner = state["pid"], state.get("owner")
+    if owner and owner != os.getpid() and process_alive(owner):
+        os.kill(owner, signal.SIGTERM)  # a foreground `tvserve serve`: it drains and stops its server
+    else:
+        drain(state["management"], read_keys(workdir).get("management"), Path(workdir) / "busy", DRAIN_SECONDS)
+        signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and group_alive(pid):
         time.sleep(0.2)
@@ -279,6 +331,13 @@ def forget(workdir: Path) -> None:
     """Removes a stopped server's state file and API keys."""
     for name in (STATE_FILE, KEY_FILE):
         (workdir / name).unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def group_alive(pgid: int) -> bool:
