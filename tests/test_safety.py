@@ -1,6 +1,7 @@
 """Safe by default, and faults survived: the production configuration, safe loading, client
 retries, a killed worker, overload, and an honest readiness check."""
 
+import json
 import os
 import pickle
 import signal
@@ -284,3 +285,14 @@ def test_stop_lets_accepted_requests_finish(work, model_store):
     with pytest.raises(requests.ConnectionError):  # and nothing is accepted afterwards
         post_image(server, "resnet18", image, timeout=10)
     assert code is not None and not any(server.busy_dir.iterdir())
+
+
+def test_one_minute_soak_has_no_errors_and_no_memory_growth(server, digit_files):
+    """The CI-sized run of `tvserve soak` (the default run lasts 10 minutes)."""
+    result = run_tvserve("soak", "digits_net", *[path for path, _ in digit_files[:10]], "--duration", 60,
+                         "--url", server.inference_url, "--management-url", server.management_url)
+    print("\n" + result.stdout.splitlines()[-1] if result.stdout else result.stderr)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.rsplit("\n", 2)[0])  # the JSON report, then one summary line
+    assert report["requests"] > 1000 and report["errors"] == []
+    assert report["rss_growth"] < 0.10

@@ -120,6 +120,23 @@ def cmd_evaluate(args):
         raise TvserveError("The served model does not agree with the checkpoint in-process.")
 
 
+def cmd_soak(args):
+    from tvserve.soak import soak
+
+    report = soak(args.model, [path.read_bytes() for path in args.images], url=args.url,
+                  management_url=args.management_url, token=keys(args).get("inference"),
+                  duration=args.duration, concurrency=args.concurrency)
+    print(json.dumps(report, indent=2))
+    mib = {pid: f"{rss / 2**20:.1f} MiB" for pid, rss in report["rss_end"].items()}
+    growth = report["rss_growth"]
+    print(f"{report['requests']} requests in {args.duration:.0f} s, {len(report['errors'])} errors, "
+          f"p50 {report['p50_ms']:.1f} ms, p99 {report['p99_ms']:.1f} ms; worker RSS at the end {mib}, "
+          f"growth {'n/a' if growth is None else f'{100 * growth:.1f}%'}")
+    if report["errors"] or report["workers_replaced"] or growth is None or growth >= args.max_rss_growth:
+        raise TvserveError(f"soak failed: {len(report['errors'])} errors, workers replaced "
+                           f"{report['workers_replaced']}, RSS growth {growth}")
+
+
 def cmd_train(args):
     from training.train import main
 
@@ -273,6 +290,17 @@ def get_parser():
     evaluate.add_argument("--model", help="the served model's name (with --url)")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    soak = commands.add_parser("soak", help="steady load for a set time; reports errors and worker RSS")
+    soak.add_argument("model")
+    soak.add_argument("images", nargs="+", type=Path)
+    soak.add_argument("--duration", type=float, default=600, help="s (default 10 minutes)")
+    soak.add_argument("--concurrency", type=int, default=4)
+    soak.add_argument("--max-rss-growth", type=float, default=0.10, help="fail above this fraction")
+    soak.add_argument("--url", default=client.DEFAULT_URL)
+    soak.add_argument("--management-url", default=client.DEFAULT_MANAGEMENT_URL)
+    soak.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where the server keeps its API keys")
+    soak.set_defaults(func=cmd_soak)
 
     prepare = commands.add_parser("prepare", help="build the default archives that are missing")
     prepare.add_argument("--model-store", type=Path, default=Path("model_store"))

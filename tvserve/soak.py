@@ -1,0 +1,65 @@
+"""Steady load on one served model for a set time (loopback, bounded), then a report: requests,
+every error, latency, and each worker's resident memory at the start and the end."""
+
+import itertools
+import threading
+import time
+
+import psutil
+import requests
+
+from tvserve.client import bearer
+from tvserve.server import model_versions
+
+WARM_UP_REQUESTS = 50  # before the first RSS reading: allocator pools reach their steady size
+
+
+def worker_rss(management_url: str, model: str, token: str = None) -> dict:
+    """{worker pid: resident bytes} of `model`'s workers (they run on this machine)."""
+    versions = model_versions(management_url, token).get(model, [])
+    return {w["pid"]: psutil.Process(w["pid"]).memory_info().rss for v in versions for w in v.get("workers", [])}
+
+
+def soak(model: str, images: list, *, url: str, management_url: str, token: str = None,
+         duration: float = 600, concurrency: int = 4, timeout: float = 30) -> dict:
+    """Sends `images` (bytes) round-robin from `concurrency` threads for `duration` seconds."""
+    target = f"{url}/predictions/{model}"
+    headers = bearer(token)
+    with requests.Session() as session:
+        for image in itertools.islice(itertools.cycle(images), WARM_UP_REQUESTS):
+            session.post(target, data=image, headers=headers, timeout=timeout)
+    rss_start = worker_rss(management_url, model, token)
+    latencies, errors, lock = [], [], threading.Lock()
+    deadline = time.monotonic() + duration
+
+    def load(offset: int):
+        with requests.Session() as session:
+            for image in itertools.islice(itertools.cycle(images), offset, None):
+                if time.monotonic() >= deadline:
+                    return
+                started = time.monotonic()
+                try:
+                    response = session.post(target, data=image, headers=headers, timeout=timeout)
+                    error = None if response.status_code == 200 else f"HTTP {response.status_code}: {response.text[:200]}"
+                except requests.RequestException as err:
+                    error = f"{type(err).__name__}: {err}"
+                with lock:
+                    latencies.append(time.monotonic() - started)
+                    if error:
+                        errors.append(error)
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    rss_end = worker_rss(management_url, model, token)
+    growth = max((rss_end[pid] / rss_start[pid] - 1 for pid in rss_start if pid in rss_end), default=None)
+    latencies.sort()
+    return {
+        "model": model, "seconds": duration, "concurrency": concurrency, "requests": len(latencies),
+        "errors": errors, "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
+        "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)] if latencies else None,
+        "rss_start": rss_start, "rss_end": rss_end, "rss_growth": growth,
+        "workers_replaced": sorted(set(rss_start) ^ set(rss_end)),
+    }
