@@ -1,6 +1,7 @@
-# tvserve container, first version: installs the project, builds the default archives and serves
-# them. Inference listens on 0.0.0.0:8080 inside the container; management and metrics stay on
-# loopback. (A slim multi-stage image with token auth and a READY health check comes later.)
+# tvserve container (first version; building and running it is tested in its own issue).
+# Installs the project, builds the default archives, and serves them with the production
+# configuration: inference on 0.0.0.0:8080 with token authorization, management and metrics on
+# loopback inside the container, no model registration API. Keys: /opt/tvserve/.tvserve/key_file.json.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 
@@ -15,10 +16,13 @@ COPY handlers handlers
 COPY training training
 RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir .
 
-COPY config.properties ./
-RUN sed -i 's|^inference_address=.*|inference_address=http://0.0.0.0:8080|' config.properties \
- && mkdir -p model_store \
- && /opt/venv/bin/tvserve prepare
+COPY config.properties config.production.properties ./
+RUN mkdir -p model_store && /opt/venv/bin/tvserve prepare \
+ && useradd --system --home-dir /opt/tvserve tvserve && chown -R tvserve /opt/tvserve
+USER tvserve
 
 EXPOSE 8080
-CMD ["/opt/venv/bin/tvserve", "serve"]
+# Healthy only when every model's workers are READY (/ping says Healthy while a worker crash-loops).
+HEALTHCHECK --interval=30s --timeout=10s --start-period=120s CMD ["/opt/venv/bin/tvserve", "health"]
+# The server in the foreground: SIGTERM drains accepted requests, then stops; a crash ends the container.
+CMD ["/opt/venv/bin/tvserve", "serve", "--production"]
