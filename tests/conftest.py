@@ -72,10 +72,6 @@ def model_store(work, digits_run, resnet18_weights):
 @pytest.fixture(scope="session")
 def server(work, model_store):
     config = free_ports_config(REPO / "config.properties", work / "config.properties")
-    server = Server(model_store=model_store, config=config, workdir=work / "server").start()
-    try:
-        server.wait_ready()
+    with Server(model_store=model_store, config=config, workdir=work / "server") as server:
         yield server
-    finally:
-        server.stop()
 

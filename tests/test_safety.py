@@ -24,17 +24,12 @@ from tvserve.server import (Server, free_port, free_ports_config, health, model_
                             write_properties)
 
 
-def start_server(folder: Path, store: Path, base_config: Path, env: dict = None, **overrides) -> Server:
+def make_server(folder: Path, store: Path, base_config: Path, env: dict = None, **overrides) -> Server:
+    """A server (not started) for `store`, with `base_config`'s ports moved to free ones."""
     config = free_ports_config(base_config, folder / "config.properties")
     if overrides:
         write_properties(config, {**read_properties(config), **{k: str(v) for k, v in overrides.items()}})
-    old = {key: os.environ.get(key) for key in env or {}}
-    os.environ.update(env or {})
-    try:
-        return Server(model_store=store, config=config, workdir=folder / "server").start()
-    finally:
-        for key, value in old.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    return Server(model_store=store, config=config, workdir=folder / "server", env=env)
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +39,9 @@ def production(work, model_store):
     store = folder / "model_store"
     store.mkdir(parents=True)
     (store / "digits_net.mar").write_bytes((model_store / "digits_net.mar").read_bytes())
-    server = start_server(folder, store, REPO / "config.production.properties",
-                          env={"MY_SECRET_TOKEN": "hush", "TVSERVE_VISIBLE": "seen"})
-    try:
-        server.wait_ready()
+    with make_server(folder, store, REPO / "config.production.properties",
+                     env={"MY_SECRET_TOKEN": "hush", "TVSERVE_VISIBLE": "seen"}) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def worker_pid(server: Server, model: str, token: str = None) -> int:
@@ -210,9 +201,7 @@ def test_overload_gets_fast_503s_and_the_server_recovers(work, model_store):
     store = folder / "model_store"
     store.mkdir(parents=True)
     (store / "resnet18.mar").write_bytes((model_store / "resnet18.mar").read_bytes())
-    server = start_server(folder, store, REPO / "config.properties", job_queue_size=2)
-    try:
-        server.wait_ready()
+    with make_server(folder, store, REPO / "config.properties", job_queue_size=2) as server:
         image = PHOTOS[0].read_bytes()
 
         def timed(_):
@@ -224,8 +213,6 @@ def test_overload_gets_fast_503s_and_the_server_recovers(work, model_store):
         with ThreadPoolExecutor(max_workers=40) as pool:
             burst = list(pool.map(timed, range(40)))
         after = [timed(0) for _ in range(5)]
-    finally:
-        server.stop()
     rejected = [seconds for status, seconds in burst if status == 503]
     print(f"\noverload: {len(rejected)}/40 got 503 (slowest {max(rejected, default=0):.2f} s); "
           f"p50 latency before {sorted(calm)[2]:.3f} s, after {sorted(s for _, s in after)[2]:.3f} s")
@@ -240,7 +227,7 @@ def test_health_says_not_ready_while_ping_says_healthy(work, model_store):
     store = folder / "model_store"
     broken_copy(model_store / "digits_net.mar", store / "digits_net.mar",
                 lambda meta: meta["model"].update({"class": "NoSuchNet"}))
-    server = start_server(folder, store, REPO / "config.properties")
+    server = make_server(folder, store, REPO / "config.properties").start()  # never READY: no wait
     try:
         deadline = time.monotonic() + 60
         while server.failed_loads("digits_net") < 1:
@@ -261,7 +248,7 @@ def test_stop_lets_accepted_requests_finish(work, model_store):
     store = folder / "model_store"
     store.mkdir(parents=True)
     (store / "resnet18.mar").write_bytes((model_store / "resnet18.mar").read_bytes())
-    server = start_server(folder, store, REPO / "config.properties")
+    server = make_server(folder, store, REPO / "config.properties").start()
     server.wait_ready()
     image = PHOTOS[0].read_bytes()
 

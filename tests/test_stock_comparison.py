@@ -49,12 +49,8 @@ def stock_server(work, resnet18_weights):
         "grpc_inference_port": free_port(), "grpc_management_port": free_port(),
         "disable_token_authorization": "true", "default_workers_per_model": 1,
     })
-    server = Server(model_store=store, config=config, workdir=folder / "server").start()
-    try:
-        server.wait_ready()
+    with Server(model_store=store, config=config, workdir=folder / "server") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def status_of(server, model, case):

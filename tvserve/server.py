@@ -89,16 +89,30 @@ class Server:
     `workdir` holds its logs, temp files and state file, so servers never share files.
     """
 
-    def __init__(self, *, model_store: Path, config: Path, workdir: Path, models: str = "all"):
+    def __init__(self, *, model_store: Path, config: Path, workdir: Path, models: str = "all", env: dict = None):
         self.model_store = Path(model_store).resolve()
         self.config = Path(config).resolve()
         self.workdir = Path(workdir).resolve()
         self.models = models
+        self.extra_env = dict(env or {})  # on top of this process's environment
         self.properties = read_properties(self.config)
         self.inference_url = self.properties.get("inference_address", "http://127.0.0.1:8080")
         self.management_url = self.properties.get("management_address", "http://127.0.0.1:8081")
         self.metrics_url = self.properties.get("metrics_address", "http://127.0.0.1:8082")
         self.process = None
+
+    def __enter__(self) -> "Server":
+        """Starts the server and waits until it is READY; leaving the block stops it."""
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
 
     @property
     def log_dir(self) -> Path:
@@ -118,7 +132,7 @@ class Server:
         return max(timeouts, default=120) + EXTRA_STARTUP_SECONDS
 
     def environment(self) -> dict:
-        env = dict(os.environ)
+        env = {**os.environ, **self.extra_env}
         tmp = self.workdir / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         env.update(TMPDIR=str(tmp), TEMP=str(tmp), LOG_LOCATION=str(self.log_dir), METRICS_LOCATION=str(self.log_dir))
@@ -216,8 +230,8 @@ class Server:
     def stop(self, timeout: float = 60, drain_timeout: float = DRAIN_SECONDS) -> int:
         """Lets accepted requests finish (up to `drain_timeout`), then SIGTERM to the whole
         process tree, SIGKILL after `timeout`; returns the exit code."""
-        if self.process is None:
-            return 0
+        if self.process is None or self.console.closed:
+            return 0 if self.process is None else self.process.returncode
         if self.process.poll() is None:
             drain(self.management_url, self.keys().get("management"), self.busy_dir, drain_timeout)
             signal_group(self.process.pid, signal.SIGTERM)
