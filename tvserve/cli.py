@@ -160,8 +160,7 @@ def cmd_serve(args):
         raise TvserveError(f"No archives in {server.model_store}. Run `tvserve prepare` or `tvserve archive ...`.")
     print(f"Starting TorchServe with {', '.join(models)} (logs: {server.log_dir}) ...", flush=True)
     server.start()
-    stop = lambda signum, frame: sys.exit(128 + signum)  # noqa: E731 - unwinds into `finally`
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C: drained, exit 0
     detached = False
     try:
         server.wait_ready(args.timeout)
@@ -181,7 +180,7 @@ def cmd_serve(args):
         code = server.process.wait()
         raise TvserveError(f"TorchServe exited with code {code}.\n{server.console_tail()}")
     except KeyboardInterrupt:
-        print("\nStopping TorchServe ...", flush=True)
+        print("\nStopping TorchServe: letting accepted requests finish ...", flush=True)
     finally:
         if not detached:
             server.stop()
