@@ -169,9 +169,10 @@ def copy_into(mar: zipfile.ZipFile, source: Path, name: str) -> str:
         return sha256.result()
 
 
-def write_archive(meta: dict, weights: Path, options: ArchiveOptions, sources=()) -> Path:
+def write_archive(meta: dict, weights: Path, options: ArchiveOptions, sources=(), check_sha256=None) -> Path:
     """Writes the `.mar` for `meta` with the state_dict file `weights`; `sources` are extra
-    Python files the model is built from. Returns the archive's path."""
+    Python files the model is built from; `check_sha256(sha256)` may refuse the weights before
+    the archive replaces anything. Returns the archive's path."""
     path = archive_path(meta["name"], options)
     manifest = ModelExportUtils.generate_manifest_json(ModelArchiverConfig(
         model_name=meta["name"], handler=HANDLER_ENTRY, version=options.version,
@@ -182,7 +183,8 @@ def write_archive(meta: dict, weights: Path, options: ArchiveOptions, sources=()
     try:
         with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED) as mar:
             sha256 = copy_into(mar, Path(weights), WEIGHTS_FILE)
-            tvm.check_hash_prefix(Path(weights), sha256)
+            if check_sha256:
+                check_sha256(sha256)
             meta = {**meta, "version": options.version, "versions": library_versions(),
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "weights": {**meta["weights"], "file": WEIGHTS_FILE, "sha256": sha256}}
@@ -231,7 +233,8 @@ def archive_torchvision(name: str, *, weights: str = "DEFAULT", weights_file=Non
                         random_init: bool = False, options: ArchiveOptions = None) -> Path:
     """Archives torchvision model `name` with its pretrained `weights` (or a state_dict file)."""
     options = options or ArchiveOptions()
-    meta = torchvision_metadata(name, tvm.get_weights(name, weights), options.model_name)
+    enum = tvm.get_weights(name, weights)
+    meta = torchvision_metadata(name, enum, options.model_name)
     archive_path(meta["name"], options)  # fail before any slow work
     with tempfile.TemporaryDirectory(prefix="tvserve-archive-") as tmp:
         if random_init:
@@ -239,11 +242,11 @@ def archive_torchvision(name: str, *, weights: str = "DEFAULT", weights_file=Non
             path, origin = Path(tmp) / WEIGHTS_FILE, "random-init"
             torch.save(build_model(Path(tmp), meta["model"]).state_dict(), path)
         else:
-            path, origin = tvm.find_weights_file(name, tvm.get_weights(name, weights), weights_file)
+            path, origin = tvm.find_weights_file(name, enum, weights_file)
         check_model(meta, load_state_dict_file(path), Path(tmp))
         meta["weights"] = {"origin": origin, "source_file": None if random_init else str(path),
                            "random_init": random_init}
-        return write_archive(meta, path, options)
+        return write_archive(meta, path, options, check_sha256=lambda sha256: tvm.check_hash_prefix(path, sha256))
 
 
 def parse_floats(text: str, what: str) -> list:
