@@ -1,6 +1,5 @@
 """Every real-world image in gets the plain RGB image's answer; every bad request a clear 4xx."""
 
-import io
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np

@@ -123,8 +123,10 @@ def cmd_evaluate(args):
 def cmd_soak(args):
     from tvserve.soak import soak
 
+    api_keys = keys(args)
     report = soak(args.model, [path.read_bytes() for path in args.images], url=args.url,
-                  management_url=args.management_url, token=keys(args).get("inference"),
+                  management_url=args.management_url, token=api_keys.get("inference"),
+                  management_token=api_keys.get("management"),
                   duration=args.duration, concurrency=args.concurrency)
     print(json.dumps(report, indent=2))
     mib = {pid: f"{rss / 2**20:.1f} MiB" for pid, rss in report["rss_end"].items()}

@@ -75,13 +75,15 @@ def post_with_retries(url: str, *, data: bytes, headers: dict, timeout: float, r
 
 
 def predict(model: str, image, *, url: str = DEFAULT_URL, topk: int = None, version: str = None,
-            token: str = None, timeout: float = 60, retries: int = RETRIES) -> list:
-    """Top-k of one image (a path or bytes): [{"label", "index", "probability"}, ...]."""
+            token: str = None, timeout: float = 60, retries: int = RETRIES, session=requests) -> list:
+    """Top-k of one image (a path or bytes): [{"label", "index", "probability"}, ...].
+    Pass a requests.Session as `session` to keep one connection across many predictions."""
     data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
     path = f"{url}/predictions/{model}" + (f"/{version}" if version else "")
     headers = {**bearer(token), **({"X-TopK": str(topk)} if topk is not None else {})}  # /predictions drops ?topk
     try:
-        response = post_with_retries(path, data=data, headers=headers, timeout=timeout, retries=retries)
+        response = post_with_retries(path, data=data, headers=headers, timeout=timeout, retries=retries,
+                                     session=session)
     except requests.ConnectionError:
         raise TvserveError(f"No server answers at {url}. Start one with `make serve` or `tvserve serve`.") from None
     if response.status_code != 200:

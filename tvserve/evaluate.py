@@ -9,7 +9,7 @@ import torchvision.transforms.functional as TF
 
 from training.data import load_dataset, normalise
 from training.models import build_model
-from tvserve import TvserveError
+from tvserve import TvserveError, client
 from tvserve.archive import load_checkpoint
 
 
@@ -41,11 +41,8 @@ def predict_served(images: torch.Tensor, *, url: str, model: str, timeout: float
         for image in images:
             buffer = io.BytesIO()
             TF.to_pil_image(image).save(buffer, "PNG")
-            response = session.post(f"{url}/predictions/{model}", data=buffer.getvalue(),
-                                    headers={"X-TopK": "1"}, timeout=timeout)
-            if response.status_code != 200:
-                raise TvserveError(f"{model}: HTTP {response.status_code}: {response.text[:300]}")
-            predictions.append(response.json()[0]["index"])
+            top = client.predict(model, buffer.getvalue(), url=url, topk=1, timeout=timeout, session=session)
+            predictions.append(top[0]["index"])
     return torch.as_tensor(predictions, dtype=torch.int64)
 
 

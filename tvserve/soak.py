@@ -21,14 +21,15 @@ def worker_rss(management_url: str, model: str, token: str = None) -> dict:
 
 
 def soak(model: str, images: list, *, url: str, management_url: str, token: str = None,
-         duration: float = 600, concurrency: int = 4, timeout: float = 30) -> dict:
-    """Sends `images` (bytes) round-robin from `concurrency` threads for `duration` seconds."""
+         management_token: str = None, duration: float = 600, concurrency: int = 4, timeout: float = 30) -> dict:
+    """Sends `images` (bytes) round-robin from `concurrency` threads for `duration` seconds.
+    `token` and `management_token` are the server's inference and management keys, if it has any."""
     target = f"{url}/predictions/{model}"
     headers = bearer(token)
     with requests.Session() as session:
         for image in itertools.islice(itertools.cycle(images), WARM_UP_REQUESTS):
             session.post(target, data=image, headers=headers, timeout=timeout)
-    rss_start = worker_rss(management_url, model, token)
+    rss_start = worker_rss(management_url, model, management_token)
     latencies, errors, lock = [], [], threading.Lock()
     deadline = time.monotonic() + duration
 
@@ -53,7 +54,7 @@ def soak(model: str, images: list, *, url: str, management_url: str, token: str 
         thread.start()
     for thread in threads:
         thread.join()
-    rss_end = worker_rss(management_url, model, token)
+    rss_end = worker_rss(management_url, model, management_token)
     growth = max((rss_end[pid] / rss_start[pid] - 1 for pid in rss_start if pid in rss_end), default=None)
     latencies.sort()
     return {
