@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torchvision
 
+from handlers.backends import load_runner, set_threads
 from handlers.decoding import RequestError, open_image, parse_request, parse_topk
 from handlers.preprocessing import build_transform
 
@@ -60,19 +61,39 @@ def build_model(model_dir: Path, spec: dict) -> torch.nn.Module:
     raise ValueError(f"Unknown model builder {spec['builder']!r}: this archive needs a newer tvserve.")
 
 
+def verified(model_dir: Path, entry: dict) -> Path:
+    """The archive file that `entry` ({"file", "sha256"}) names, after checking its sha256."""
+    path = model_dir / entry["file"]
+    actual = sha256_of(path)
+    if actual != entry["sha256"]:
+        raise RuntimeError(
+            f"Tampered archive: {entry['file']} has sha256 {actual}, but the archive's "
+            f"{METADATA_FILE} records {entry['sha256']}. Rebuild the archive with `tvserve archive`."
+        )
+    return path
+
+
 def load_model(model_dir: Path, meta: dict) -> torch.nn.Module:
     """Builds the model, loads its verified weights strictly, and switches it to eval mode."""
-    weights = meta["weights"]
-    path = model_dir / weights["file"]
-    actual = sha256_of(path)
-    if actual != weights["sha256"]:
-        raise RuntimeError(
-            f"Tampered archive: {weights['file']} has sha256 {actual}, but the archive's "
-            f"{METADATA_FILE} records {weights['sha256']}. Rebuild the archive with `tvserve archive`."
-        )
     model = build_model(model_dir, meta["model"])
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    weights = torch.load(verified(model_dir, meta["weights"]), map_location="cpu", weights_only=True)
+    model.load_state_dict(weights, strict=True)
     return model.eval()
+
+
+def device_of(context) -> str:
+    """cuda:N when TorchServe gave this worker a GPU and torch sees one, else cpu."""
+    gpu_id = context.system_properties.get("gpu_id")
+    return f"cuda:{gpu_id}" if gpu_id is not None and torch.cuda.is_available() else "cpu"
+
+
+def load_backend(model_dir: Path, meta: dict, threads: int, device: str):
+    """The runner of the archive's recorded backend (eager for archives that record none)."""
+    backend = meta.get("backend") or {"name": "eager"}
+    name = backend["name"] if device == "cpu" else "eager"
+    if name == "eager":
+        return name, load_runner(name, model=load_model(model_dir, meta), device=device)
+    return name, load_runner(name, path=verified(model_dir, backend), threads=threads)
 
 
 def thread_budget(context) -> int:
@@ -110,25 +131,28 @@ class ImageClassifier:
     def initialize(self, context):
         model_dir = Path(context.system_properties["model_dir"])
         self.meta = json.loads((model_dir / METADATA_FILE).read_text())
-        torch.set_num_threads(thread_budget(context))
-        self.model = load_model(model_dir, self.meta)
+        threads, device = thread_budget(context), device_of(context)
+        set_threads(threads)
+        self.backend, self.runner = load_backend(model_dir, self.meta, threads, device)
         self.transform = build_transform(self.meta["preset"])
+        preset = self.meta["preset"]
+        self.draft_min_side = 2 * preset["resize"] if preset.get("jpeg_draft") else None  # lossy, opt-in
         self.labels = self.meta["labels"]
         self.default_topk = int(self.meta.get("topk", DEFAULT_TOPK))
         self.initialized = True
-        log.info("tvserve: loaded %s (%s), %d labels, %d torch threads",
-                 self.meta["name"], self.meta["source"], len(self.labels), torch.get_num_threads())
+        log.info("tvserve: loaded %s (%s), %d labels, backend %s on %s, %d threads",
+                 self.meta["name"], self.meta["source"], len(self.labels), self.backend, device, threads)
 
     def preprocess(self, request: dict, headers: dict):
         """One request -> (Tensor[3, H, W] float32, topk). Raises RequestError for client mistakes."""
         data, topk = parse_request(request, headers)
         topk = parse_topk(topk, len(self.labels), self.default_topk)
-        return self.transform(open_image(data)), topk
+        return self.transform(open_image(data, draft_min_side=self.draft_min_side)), topk
 
     def inference(self, batch: torch.Tensor) -> torch.Tensor:
         """Tensor[N, 3, H, W] -> probabilities Tensor[N, n_classes]."""
         with torch.inference_mode():
-            return torch.softmax(self.model(batch), dim=1)
+            return torch.softmax(self.runner(batch), dim=1)
 
     def postprocess(self, probabilities: torch.Tensor, topk: int) -> list:
         values, indices = probabilities.topk(topk)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import requests
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,3 +21,14 @@ def run_tvserve(*args, env=None, timeout=600):
     """Runs `tvserve ARGS...` from the repository root; returns the CompletedProcess (text)."""
     return subprocess.run([sys.executable, "-m", "tvserve.cli", *map(str, args)], cwd=REPO,
                           env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+
+
+def served_probabilities(server, model, data, n_classes, session=requests) -> torch.Tensor:
+    """The whole probability vector the server answers for image bytes `data` (top-k = every class)."""
+    response = session.post(f"{server.inference_url}/predictions/{model}", data=data,
+                            headers={"X-TopK": str(n_classes)}, timeout=120)
+    assert response.status_code == 200, response.text
+    probabilities = torch.zeros(n_classes)
+    for item in response.json():
+        probabilities[item["index"]] = item["probability"]
+    return probabilities

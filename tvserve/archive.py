@@ -4,6 +4,7 @@ An archive holds:
     MAR-INF/MANIFEST.json   TorchServe's manifest (made by torch-model-archiver's own code)
     image_classifier.py     the handler entry point, and the `handlers/` package it imports
     weights.pt              a plain state_dict (loads with weights_only=True)
+    model.onnx / model.ts   the exported model, when the chosen backend is not eager
     tvserve.json            the one source of truth: model, preset, labels, weights' sha256, versions
     model-config.yaml       workers, batching, timeouts
     <model source>.py       for models built from Python source (trained checkpoints)
@@ -14,6 +15,7 @@ temporary name and renamed, so an interrupted run never leaves a half-written `.
 import contextlib
 import json
 import logging
+import os
 import platform
 import tempfile
 import warnings
@@ -38,6 +40,7 @@ from handlers.image_classifier import METADATA_FILE, build_model, sha256_of
 from handlers.preprocessing import INTERPOLATIONS
 from tvserve import TvserveError, __version__
 from tvserve import torchvision_models as tvm
+from tvserve.backends import select_backend
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,12 @@ class ArchiveOptions:
     response_timeout: int = 120  # s
     startup_timeout: int = 120  # s
     threads: int = None  # torch threads per worker; None: cores / workers, decided in the worker
+    backend: str = "auto"  # eager, torchscript, onnxruntime, openvino; auto: the fastest that passes parity
+    jpeg_draft: bool = False  # lossy: decode big JPEGs at a reduced DCT scale (handlers/decoding.py)
+
+    def thread_budget(self) -> int:
+        """The threads a worker of this archive gets on this machine (as the handler decides)."""
+        return self.threads or max(1, (os.cpu_count() or 1) // self.workers)
 
     def model_config(self) -> dict:
         config = {
@@ -169,10 +178,22 @@ def copy_into(mar: zipfile.ZipFile, source: Path, name: str) -> str:
         return sha256.result()
 
 
-def write_archive(meta: dict, weights: Path, options: ArchiveOptions, sources=(), check_sha256=None) -> Path:
-    """Writes the `.mar` for `meta` with the state_dict file `weights`; `sources` are extra
-    Python files the model is built from; `check_sha256(sha256)` may refuse the weights before
-    the archive replaces anything. Returns the archive's path."""
+def choose_backend(meta: dict, weights: Path, model_dir: Path, options: ArchiveOptions, folder: Path) -> dict:
+    """Builds the model with its real weights on the CPU and picks its backend (tvserve/backends.py)."""
+    if options.backend == "eager":
+        return {"name": "eager", "file": None, "selection": {"wanted": "eager"}}
+    model = build_model(model_dir, meta["model"])
+    model.load_state_dict(load_state_dict_file(weights), strict=True)
+    log.info("choosing %s's backend (%s) with %d threads ...", meta["name"], options.backend, options.thread_budget())
+    return select_backend(model.eval(), meta["preset"]["crop"], options.thread_budget(), options.backend, folder)
+
+
+def write_archive(meta: dict, weights: Path, options: ArchiveOptions, model_dir: Path, sources=(),
+                  check_sha256=None) -> Path:
+    """Writes the `.mar` for `meta` with the state_dict file `weights`; `model_dir` holds the
+    files the model is built from, `sources` the Python ones that go into the archive;
+    `check_sha256(sha256)` may refuse the weights before the archive replaces anything.
+    Returns the archive's path."""
     path = archive_path(meta["name"], options)
     manifest = ModelExportUtils.generate_manifest_json(ModelArchiverConfig(
         model_name=meta["name"], handler=HANDLER_ENTRY, version=options.version,
@@ -181,13 +202,20 @@ def write_archive(meta: dict, weights: Path, options: ArchiveOptions, sources=()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     try:
-        with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED) as mar:
+        with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED) as mar, \
+                tempfile.TemporaryDirectory(prefix="tvserve-export-") as exports:
             sha256 = copy_into(mar, Path(weights), WEIGHTS_FILE)
             if check_sha256:
                 check_sha256(sha256)
+            backend = choose_backend(meta, weights, model_dir, options, Path(exports))
+            if backend["file"]:
+                exported = Path(backend["file"])
+                backend = {**backend, "file": exported.name, "sha256": copy_into(mar, exported, exported.name)}
             meta = {**meta, "version": options.version, "versions": library_versions(),
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "weights": {**meta["weights"], "file": WEIGHTS_FILE, "sha256": sha256}}
+                    "weights": {**meta["weights"], "file": WEIGHTS_FILE, "sha256": sha256},
+                    "preset": {**meta["preset"], **({"jpeg_draft": True} if options.jpeg_draft else {})},
+                    "backend": {key: value for key, value in backend.items() if value is not None}}
             mar.writestr("MAR-INF/MANIFEST.json", manifest)
             mar.writestr(METADATA_FILE, json.dumps(meta, indent=2))
             mar.writestr(MODEL_CONFIG_FILE, yaml.safe_dump(options.model_config(), sort_keys=False))
@@ -246,7 +274,8 @@ def archive_torchvision(name: str, *, weights: str = "DEFAULT", weights_file=Non
         check_model(meta, load_state_dict_file(path), Path(tmp))
         meta["weights"] = {"origin": origin, "source_file": None if random_init else str(path),
                            "random_init": random_init}
-        return write_archive(meta, path, options, check_sha256=lambda sha256: tvm.check_hash_prefix(path, sha256))
+        return write_archive(meta, path, options, Path(tmp),
+                             check_sha256=lambda sha256: tvm.check_hash_prefix(path, sha256))
 
 
 def parse_floats(text: str, what: str) -> list:
@@ -292,7 +321,7 @@ def archive_custom(*, model_file, class_name: str, weights, labels, resize: int,
     archive_path(meta["name"], options)
     check_model(meta, load_state_dict_file(weights), model_file.parent)
     meta["weights"] = {"origin": "file", "source_file": str(weights), "random_init": False}
-    return write_archive(meta, weights, options, sources=[model_file])
+    return write_archive(meta, weights, options, model_file.parent, sources=[model_file])
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -336,7 +365,7 @@ def archive_checkpoint(path, *, options: ArchiveOptions = None) -> Path:
         weights = Path(tmp) / WEIGHTS_FILE
         torch.save(checkpoint["state_dict"], weights)
         meta["weights"] = {"origin": "checkpoint", "source_file": str(path), "random_init": False}
-        return write_archive(meta, weights, options, sources=[source])
+        return write_archive(meta, weights, options, Path(tmp), sources=[source])
 
 
 def read_metadata(mar: Path) -> dict:

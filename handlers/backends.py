@@ -1,0 +1,90 @@
+"""The model's runtime in the worker: eager PyTorch, frozen TorchScript, ONNX Runtime or OpenVINO.
+
+An archive records its backend in tvserve.json, chosen when it was built (tvserve/backends.py):
+    "backend": {"name": "openvino", "file": "model.onnx", "sha256": "...", "selection": {...}}
+Eager archives have no file: the model is built from its weights. Every runner maps a float32
+Tensor[N, 3, H, W] to logits Tensor[N, n_classes], with `threads` intra-op threads and one
+inter-op thread, in float32 (no reduced precision: served probabilities stay within 1e-4 of eager).
+On a CUDA device the worker runs eager PyTorch, whatever the archive's CPU backend.
+"""
+
+import warnings
+
+import torch
+
+BACKENDS = ("eager", "torchscript", "onnxruntime", "openvino")
+EXPORT_FILES = {"torchscript": "model.ts", "onnxruntime": "model.onnx", "openvino": "model.onnx"}
+
+
+class Eager:
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.model, self.device = model.to(device), device
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model(batch.to(self.device, non_blocking=True)).float().cpu()
+
+
+class TorchScript:
+    """A traced module, frozen (weights folded in as constants) and optimised when loaded: a frozen
+    module does not survive torch.jit.save/load in torch 2.14, a traced one does."""
+
+    def __init__(self, path):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notices
+            traced = torch.jit.load(str(path), map_location="cpu").eval()
+            self.module = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.module(batch)
+
+
+class OnnxRuntime:
+    def __init__(self, path, threads: int):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: batch.numpy()})[0])
+
+
+class OpenVino:
+    def __init__(self, path, threads: int):
+        import openvino
+
+        self.compiled = openvino.Core().compile_model(str(path), "CPU", {
+            "INFERENCE_NUM_THREADS": threads,
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "f32",  # never bf16/fp16, even where the CPU has them
+        })
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.request.infer([batch.numpy()])[0].copy())
+
+
+def set_threads(threads: int) -> None:
+    """torch's intra-op threads for this process, and one inter-op thread where still settable."""
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set, or parallel work already ran in this process
+        pass
+
+
+def load_runner(name: str, *, model=None, path=None, threads: int = 1, device: str = "cpu"):
+    """The runner for backend `name`: eager needs `model`, the others their exported file `path`."""
+    if name not in BACKENDS:
+        raise ValueError(f"Unknown backend {name!r}: this archive needs a newer tvserve ({', '.join(BACKENDS)} known).")
+    if name == "eager" or torch.device(device).type != "cpu":
+        return Eager(model, torch.device(device))
+    if name == "torchscript":
+        return TorchScript(path)
+    if name == "onnxruntime":
+        return OnnxRuntime(path, threads)
+    return OpenVino(path, threads)

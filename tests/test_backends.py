@@ -1,0 +1,175 @@
+"""Backends, thread budget and the lossy JPEG draft decode, against the live server.
+
+Each non-eager backend is served and compared with the same backend in-process (the handler's
+own code on the same archive) and with eager PyTorch, every probability within PARITY_TOLERANCE.
+"""
+
+import io
+import json
+import os
+import re
+import textwrap
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from conftest import PHOTOS
+from helpers import served_probabilities
+from handlers.decoding import open_image
+from tvserve import TvserveError, client
+from tvserve.archive import ArchiveOptions, archive_custom, archive_torchvision, read_metadata
+from tvserve.backends import PARITY_TOLERANCE
+from tvserve.inprocess import load_handler, predict
+from tvserve.server import Server, write_properties
+
+CPU_BACKENDS = ["torchscript", "onnxruntime", "openvino"]
+
+
+def eager_resnet18(weights_file, photo):
+    model = torchvision.models.resnet18(weights=None)
+    model.load_state_dict(torch.load(weights_file, weights_only=True))
+    transform = torchvision.models.ResNet18_Weights.DEFAULT.transforms()
+    with torch.inference_mode():
+        return torch.softmax(model.eval()(transform(Image.open(photo).convert("RGB")).unsqueeze(0)), 1)[0]
+
+
+def in_process_probabilities(handler, data) -> torch.Tensor:
+    tensor, _ = handler.preprocess({"body": data}, {})
+    return handler.inference(tensor.unsqueeze(0))[0]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backend_serves_like_itself_in_process_and_like_eager(server, model_store, resnet18_weights, work, backend):
+    name = f"resnet18_{backend}"
+    archive = archive_torchvision("resnet18", weights_file=resnet18_weights, options=ArchiveOptions(
+        model_name=name, export_path=model_store, backend=backend))
+    meta = read_metadata(archive)
+    assert meta["backend"]["name"] == backend
+    handler = load_handler(archive, work / "unpacked" / name)
+    assert handler.backend == backend
+    client.register(archive.name, management_url=server.management_url)
+    try:
+        for photo in PHOTOS:
+            served = served_probabilities(server, name, photo.read_bytes(), 1000)
+            torch.testing.assert_close(served, in_process_probabilities(handler, photo.read_bytes()),
+                                       rtol=0, atol=1e-6)
+            torch.testing.assert_close(served, eager_resnet18(resnet18_weights, photo), rtol=0, atol=PARITY_TOLERANCE)
+    finally:
+        client.unregister(name, "1.0", management_url=server.management_url)
+
+
+def test_auto_keeps_the_fastest_backend_that_passes_parity(model_store):
+    meta = read_metadata(model_store / "resnet18.mar")
+    selection = meta["backend"]["selection"]
+    candidates = {c["name"]: c for c in selection["candidates"]}
+    assert set(candidates) == {"eager", *CPU_BACKENDS}
+    timed = {name: c["ms"] for name, c in candidates.items() if "ms" in c}
+    assert "eager" in timed and all(candidates[name]["parity"] <= PARITY_TOLERANCE for name in timed)
+    assert meta["backend"]["name"] == min(timed, key=timed.get)
+    assert selection["threads"] >= 1
+
+
+# Traced exporters record the branch the example batch (of 1) takes: batches of 3 answer differently.
+SHAPE_DEPENDENT_MODEL = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+
+    class ShapeDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):
+            logits = self.head(x.mean(dim=(2, 3)))
+            return logits if x.shape[0] == 1 else logits * 3
+''')
+
+
+@pytest.fixture(scope="module")
+def shape_dependent(work):
+    folder = work / "shape_dependent"
+    folder.mkdir()
+    (folder / "model.py").write_text(SHAPE_DEPENDENT_MODEL)
+    (folder / "labels.txt").write_text("a\nb\n")
+    namespace = {}
+    exec(compile(SHAPE_DEPENDENT_MODEL, "model.py", "exec"), namespace)
+    torch.manual_seed(0)
+    torch.save(namespace["ShapeDependent"]().state_dict(), folder / "weights.pt")
+    return dict(model_file=folder / "model.py", class_name="ShapeDependent", weights=folder / "weights.pt",
+                labels=folder / "labels.txt", resize=8, crop=8, mean="0.5,0.5,0.5", std="0.2,0.2,0.2")
+
+
+def test_auto_falls_back_to_eager_when_exports_differ(shape_dependent, tmp_path):
+    archive = archive_custom(**shape_dependent, options=ArchiveOptions(export_path=tmp_path))
+    meta = read_metadata(archive)
+    assert meta["backend"]["name"] == "eager"
+    errors = {c["name"]: c.get("error", "") for c in meta["backend"]["selection"]["candidates"]}
+    assert all("differ from eager" in errors[name] for name in CPU_BACKENDS), errors
+
+
+def test_a_backend_that_fails_parity_is_refused_by_name(shape_dependent, tmp_path):
+    with pytest.raises(TvserveError, match="Backend onnxruntime cannot serve this model: probabilities differ"):
+        archive_custom(**shape_dependent, options=ArchiveOptions(export_path=tmp_path, backend="onnxruntime"))
+    assert not list(tmp_path.glob("*.mar*"))
+
+
+def test_worker_thread_budget_fits_the_cores(server, model_store):
+    """auto: the cores shared among all workers the server starts with (3 archives, 1 worker each);
+    each worker logs what it got."""
+    expected = max(1, os.cpu_count() // 3)
+    loaded = re.findall(r"tvserve: loaded (\S+) .* (\d+) threads", (server.log_dir / "model_log.log").read_text())
+    assert {"digits_net", "digits_batched", "resnet18"} <= {name for name, _ in loaded}
+    assert all(int(count) == expected for _, count in loaded)
+
+
+def test_thread_budget_can_be_set_in_the_config(model_store, tmp_path):
+    config = write_properties(tmp_path / "config.properties", {"tvserve_threads_per_worker": 3})
+    assert Server(model_store=model_store, config=config, workdir=tmp_path).threads_per_worker() == 3
+
+
+def big_jpeg(width=2400, height=1600) -> bytes:
+    photo = Image.open(PHOTOS[0]).convert("RGB").resize((width, height), Image.BICUBIC)
+    buffer = io.BytesIO()
+    photo.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_jpeg_draft_decodes_at_least_twice_the_resize_and_leaves_other_formats_alone():
+    data = big_jpeg()
+    full, drafted = open_image(data), open_image(data, draft_min_side=512)
+    assert full.size == (2400, 1600)
+    assert drafted.size == (1200, 800)  # 1/2 scale: 1/4 would give 400 < 512
+    assert min(open_image(data, draft_min_side=64).size) == 200  # 1/8, the smallest DCT scale
+    png = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(png, "PNG")
+    assert open_image(png.getvalue(), draft_min_side=64).size == (2400, 1600)
+
+
+def test_jpeg_draft_archive_is_served_and_its_effect_is_small(server, model_store, resnet18_weights, work):
+    archive = archive_torchvision("resnet18", weights_file=resnet18_weights, options=ArchiveOptions(
+        model_name="resnet18_draft", export_path=model_store, backend="eager", jpeg_draft=True))
+    assert read_metadata(archive)["preset"]["jpeg_draft"] is True
+    data = big_jpeg()
+    exact = load_handler(model_store / "resnet18.mar", work / "unpacked" / "resnet18-exact")
+    draft = load_handler(archive, work / "unpacked" / "resnet18-draft")
+    client.register(archive.name, management_url=server.management_url)
+    try:
+        served = served_probabilities(server, "resnet18_draft", data, 1000)
+        torch.testing.assert_close(served, in_process_probabilities(draft, data), rtol=0, atol=1e-6)
+        assert (served - in_process_probabilities(exact, data)).abs().max() > 0  # decoded otherwise
+        assert len(predict(draft, data)) == 5
+    finally:
+        client.unregister("resnet18_draft", "1.0", management_url=server.management_url)
+
+
+def test_archive_records_the_backend_file_and_its_hash(model_store):
+    meta = read_metadata(model_store / "resnet18.mar")
+    backend = meta["backend"]
+    if backend["name"] == "eager":
+        assert "file" not in backend
+    else:
+        assert backend["file"] in ("model.onnx", "model.ts") and len(backend["sha256"]) == 64
+    assert json.dumps(meta)  # plain JSON throughout

@@ -1,0 +1,36 @@
+"""An archive served in this process by the same handler code a TorchServe worker runs (no server).
+
+Used by the benchmark (in-process forward and full pipeline) and by parity tests. The handler
+is this checkout's `handlers/`, which is what `tvserve archive` copies into every archive.
+"""
+
+import types
+import zipfile
+from pathlib import Path
+
+import yaml
+
+from handlers.image_classifier import ImageClassifier
+
+
+def load_handler(mar: Path, folder: Path, *, threads: int = None, gpu_id: int = None) -> ImageClassifier:
+    """The handler initialised from `mar` unpacked into `folder`, as a worker initialises it.
+    `threads` overrides the archive's thread budget (as TVSERVE_THREADS does for a worker)."""
+    folder = Path(folder)
+    with zipfile.ZipFile(mar) as archive:
+        archive.extractall(folder)
+    config = yaml.safe_load((folder / "model-config.yaml").read_text()) or {}
+    if threads:
+        config = {**config, "handler": {**(config.get("handler") or {}), "threads": threads}}
+    context = types.SimpleNamespace(
+        system_properties={"model_dir": str(folder), "gpu_id": gpu_id}, model_yaml_config=config,
+    )
+    handler = ImageClassifier()
+    handler.initialize(context)
+    return handler
+
+
+def predict(handler: ImageClassifier, image: bytes) -> list:
+    """The full pipeline for one image: decode, preprocess, forward, top-k, as served."""
+    tensor, topk = handler.preprocess({"body": image}, {})
+    return handler.postprocess(handler.inference(tensor.unsqueeze(0))[0], topk)
