@@ -6,49 +6,20 @@ state_dict and an index_to_name.json. The table goes to the test's output and to
 `stock_comparison.md` in the session's work folder.
 """
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import requests
 import torchvision
 
 from corpus import accepted_cases, refused_cases
-from tvserve.server import Server, free_port, write_properties
-
-STOCK_MODEL_FILE = '''
-from torchvision.models.resnet import BasicBlock, ResNet
-
-
-class ResNet18(ResNet):
-    def __init__(self):
-        super().__init__(BasicBlock, [2, 2, 2, 2])
-'''
+from tvserve.server import Server
+from tvserve.stock import archive_stock_resnet18, stock_config
 
 
 @pytest.fixture(scope="module")
 def stock_server(work, resnet18_weights):
     folder = work / "stock"
-    store = folder / "model_store"
-    store.mkdir(parents=True)
-    (folder / "model.py").write_text(STOCK_MODEL_FILE)
-    categories = torchvision.models.ResNet18_Weights.DEFAULT.meta["categories"]
-    (folder / "index_to_name.json").write_text(json.dumps({str(i): name for i, name in enumerate(categories)}))
-    subprocess.run([
-        str(Path(sys.executable).with_name("torch-model-archiver")), "--model-name", "resnet18",
-        "--version", "1.0", "--model-file", folder / "model.py", "--serialized-file", resnet18_weights,
-        "--handler", "image_classifier", "--extra-files", folder / "index_to_name.json",
-        "--export-path", store,
-    ], check=True)
-    config = write_properties(folder / "config.properties", {
-        "inference_address": f"http://127.0.0.1:{free_port()}",
-        "management_address": f"http://127.0.0.1:{free_port()}",
-        "metrics_address": f"http://127.0.0.1:{free_port()}",
-        "grpc_inference_port": free_port(), "grpc_management_port": free_port(),
-        "disable_token_authorization": "true", "default_workers_per_model": 1,
-    })
+    store = archive_stock_resnet18(folder, resnet18_weights, torchvision.models.ResNet18_Weights.DEFAULT.meta["categories"])
+    config = stock_config(folder / "config.properties", workers=1)
     with Server(model_store=store, config=config, workdir=folder / "server") as server:
         yield server
 

@@ -38,6 +38,10 @@ def add_archive_options(parser):
     group.add_argument("--response-timeout", type=int, default=120, help="s")
     group.add_argument("--startup-timeout", type=int, default=120, help="s")
     group.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
+    group.add_argument("--backend", default="auto",
+                       help="eager, torchscript, onnxruntime or openvino (default auto : the fastest here whose probabilities are within 1e-4 of eager)")
+    group.add_argument("--jpeg-draft", action="store_true",
+                       help="lossy: decode big JPEGs at a reduced DCT scale (at least twice the resize size)")
 
 
 def archive_options(args):
@@ -47,7 +51,8 @@ def archive_options(args):
         model_name=args.model_name, version=args.version, export_path=args.export_path,
         force=args.force, workers=args.workers, batch_size=args.batch_size,
         max_batch_delay=args.max_batch_delay, response_timeout=args.response_timeout,
-        startup_timeout=args.startup_timeout, threads=args.threads,
+        startup_timeout=args.startup_timeout, threads=args.threads, backend=args.backend,
+        jpeg_draft=args.jpeg_draft,
     )
 
 
@@ -118,6 +123,16 @@ def cmd_evaluate(args):
     print(json.dumps(reports, indent=2) if args.json else "\n\n".join(map(format_report, reports)))
     if len(reports) == 2 and reports[0]["confusion_matrix"] != reports[1]["confusion_matrix"]:
         raise TvserveError("The served model does not agree with the checkpoint in-process.")
+
+
+def cmd_bench(args):
+    from tvserve.bench import BenchConfig, run, write
+
+    config = BenchConfig(models=tuple(args.models.split(",")), images=tuple(args.images.split(",")),
+                         concurrency=tuple(int(c) for c in args.concurrency.split(",")),
+                         duration=args.duration, warmup=args.warmup, out=args.out, work=args.work)
+    command = "tvserve bench " + " ".join(sys.argv[2:])
+    print(write(run(config), config.out, command.strip()))
 
 
 def cmd_soak(args):
@@ -302,6 +317,17 @@ def get_parser():
     soak.add_argument("--management-url", default=client.DEFAULT_MANAGEMENT_URL)
     soak.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where the server keeps its API keys")
     soak.set_defaults(func=cmd_soak)
+
+    bench = commands.add_parser("bench", help="in-process vs tvserve vs stock TorchServe, side by side (needs wrk)")
+    bench.add_argument("--models", default="resnet18,net", help="comma-separated: resnet18 (or another torchvision "
+                       "model), net (the book's Net on digits)")
+    bench.add_argument("--images", default="0.1MP,0.5MP,12MP", help="comma-separated JPEG sizes")
+    bench.add_argument("--concurrency", default="1,4,16", help="comma-separated connection counts")
+    bench.add_argument("--duration", type=float, default=10, help="s measured per point")
+    bench.add_argument("--warmup", type=float, default=3, help="s of load before each point")
+    bench.add_argument("--out", type=Path, default=Path("benchmarks"), help="where latest.md and latest.json go")
+    bench.add_argument("--work", type=Path, default=Path(".tvserve/bench"), help="archives, images, server logs")
+    bench.set_defaults(func=cmd_bench)
 
     prepare = commands.add_parser("prepare", help="build the default archives that are missing")
     prepare.add_argument("--model-store", type=Path, default=Path("model_store"))

@@ -137,10 +137,21 @@ class Server:
         tmp.mkdir(parents=True, exist_ok=True)
         env.update(TMPDIR=str(tmp), TEMP=str(tmp), LOG_LOCATION=str(self.log_dir), METRICS_LOCATION=str(self.log_dir))
         env["TVSERVE_BUSY_DIR"] = str(self.busy_dir)  # workers mark the batches they are running
-        threads = self.properties.get("tvserve_threads_per_worker")
-        if threads and "TVSERVE_THREADS" not in env:
-            env["TVSERVE_THREADS"] = threads
+        if "TVSERVE_THREADS" not in env:
+            env["TVSERVE_THREADS"] = str(self.threads_per_worker())
         return env
+
+    def threads_per_worker(self) -> int:
+        """config's tvserve_threads_per_worker, or for `auto` (the default) the cores shared evenly
+        among every worker of the models it loads, so that workers x threads <= cores."""
+        threads = self.properties.get("tvserve_threads_per_worker", "auto")
+        if threads != "auto":
+            return int(threads)
+        default = int(self.properties.get("default_workers_per_model", os.cpu_count() or 1))
+        mars = list(self.model_store.glob("*.mar")) if self.models == "all" else [
+            self.model_store / entry.split("=")[-1] for entry in self.models.split(",")]
+        workers = sum(int(archive_config(mar).get("minWorkers", default)) for mar in mars if mar.is_file())
+        return max(1, (os.cpu_count() or 1) // max(1, workers))
 
     def start(self) -> "Server":
         if not self.model_store.is_dir():

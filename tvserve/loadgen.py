@@ -1,0 +1,67 @@
+"""HTTP load with wrk (Debian's `wrk`, a native closed-loop load generator): POSTs one image file
+from `concurrency` connections for a while and reports requests/s, latency percentiles, errors,
+and the CPU wrk itself used, so a run can show the load generator was not the bottleneck."""
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from tvserve import TvserveError
+
+# wrk's Lua: the body is the file named by TVSERVE_BODY; done() prints one JSON line.
+WRK_SCRIPT = r'''
+local file = assert(io.open(os.getenv("TVSERVE_BODY"), "rb"))
+wrk.method = "POST"
+wrk.body = file:read("*a")
+file:close()
+wrk.headers["Content-Type"] = "application/octet-stream"
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'TVSERVE_RESULT {"requests": %d, "duration_us": %d, "connect_errors": %d, "read_errors": %d, ' ..
+    '"write_errors": %d, "status_errors": %d, "timeouts": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d, ' ..
+    '"max_us": %d}\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+'''
+
+
+def wrk_path() -> str:
+    path = shutil.which("wrk")
+    if not path:
+        raise TvserveError("The benchmark needs wrk, a native HTTP load generator: `apt-get install wrk` (Debian/Ubuntu).")
+    return path
+
+
+def run_wrk(url: str, body: Path, *, concurrency: int, duration: float, timeout_s: int = 60) -> dict:
+    """One wrk run; returns {"rps", "p50_ms", "p90_ms", "p99_ms", "max_ms", "requests", "errors",
+    "loadgen_cpu_pct"} (CPU: wrk's user+system time over the run's wall time, in % of one core)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        script.write(WRK_SCRIPT)
+    try:
+        command = [wrk_path(), "-t", str(min(concurrency, 2)), "-c", str(concurrency), "-d", f"{duration:g}s",
+                   "--timeout", f"{timeout_s}s", "-s", script.name, url]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   env={**os.environ, "TVSERVE_BODY": str(body)})
+        output = process.stdout.read()
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+    finally:
+        os.unlink(script.name)
+    line = next((line for line in output.splitlines() if line.startswith("TVSERVE_RESULT ")), None)
+    if process.returncode != 0 or line is None:
+        raise TvserveError(f"wrk failed ({' '.join(command)}):\n{output.strip()}")
+    result = json.loads(line.removeprefix("TVSERVE_RESULT "))
+    seconds = result["duration_us"] / 1e6
+    errors = sum(result[key] for key in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts"))
+    return {
+        "rps": round((result["requests"] - errors) / seconds, 2),
+        "p50_ms": result["p50_us"] / 1000, "p90_ms": result["p90_us"] / 1000, "p99_ms": result["p99_us"] / 1000,
+        "max_ms": result["max_us"] / 1000, "requests": result["requests"], "errors": errors,
+        "loadgen_cpu_pct": round(100 * (usage.ru_utime + usage.ru_stime) / seconds, 1),
+    }
