@@ -23,6 +23,7 @@ from torchvision.datasets import CIFAR10, ImageFolder
 from handlers.decoding import RequestError, open_image
 from handlers.preprocessing import build_geometry
 from training.models import INPUT_SIZE
+from tvserve import TvserveError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ PRESET = {"resize": INPUT_SIZE, "crop": INPUT_SIZE, "interpolation": "bilinear"}
 CIFAR2_CLASSES = {0: "airplane", 2: "bird"}  # CIFAR-10 label -> name, as in the book
 
 
-class DatasetError(Exception):
+class DatasetError(TvserveError):
     """The dataset cannot be had; the message says where to put it."""
 
 

@@ -16,7 +16,6 @@ import signal
 import sys
 from pathlib import Path
 
-from training.data import DatasetError
 from tvserve import TvserveError, client
 
 log = logging.getLogger("tvserve")
@@ -375,7 +374,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         args.func(args)
-    except (TvserveError, DatasetError) as err:
+    except TvserveError as err:  # DatasetError too
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
