@@ -236,16 +236,17 @@ def cmd_describe(args):
                                            token=keys(args).get("management")), indent=2))
 
 
-def get_parser():
+def get_parser(with_training: bool = True):
+    """The CLI's parser; `train`'s flags (which import torch) only `with_training`."""
     parser = argparse.ArgumentParser(
         prog="tvserve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from training.train import get_args_parser
-
-    train = commands.add_parser("train", parents=[get_args_parser(add_help=False)],
+    if with_training:
+        from training.train import get_args_parser
+    train = commands.add_parser("train", parents=[get_args_parser(add_help=False)] if with_training else [],
                                 help="train one of the book's CNNs (same flags as python -m training.train)")
     train.set_defaults(func=cmd_train)
 
@@ -370,7 +371,8 @@ def get_parser():
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = get_parser(with_training="train" in argv or not argv or "-h" in argv or "--help" in argv).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         args.func(args)
