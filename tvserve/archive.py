@@ -61,8 +61,8 @@ class ArchiveOptions:
     export_path: Path = Path("model_store")
     force: bool = False
     workers: int = 1
-    batch_size: int = 1
-    max_batch_delay: int = 50  # ms a batch waits to fill when batch_size > 1
+    batch_size: int = 8  # TorchServe batches what is queued; see max_batch_delay
+    max_batch_delay: int = 2  # ms a batch waits for more requests: what an idle server adds to a request
     response_timeout: int = 120  # s
     startup_timeout: int = 120  # s
     threads: int = None  # torch threads per worker; None: cores / workers, decided in the worker

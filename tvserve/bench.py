@@ -25,10 +25,10 @@ from PIL import Image
 
 from tvserve import TvserveError
 from tvserve.archive import ArchiveOptions, archive_checkpoint, archive_torchvision, load_checkpoint
-from tvserve.client import predict
-from tvserve.inprocess import load_handler
+from tvserve import client
+from tvserve.inprocess import load_handler, predict
 from tvserve.loadgen import run_wrk, wrk_path
-from tvserve.server import Server, free_ports_config
+from tvserve.server import Server, archive_config, free_ports_config
 from tvserve.stock import archive_stock_book_model, archive_stock_resnet18, stock_config
 from tvserve import torchvision_models as tvm
 
@@ -50,6 +50,7 @@ class BenchConfig:
     work: Path = Path(".tvserve/bench")
     out: Path = Path("benchmarks")
     checkpoint: Path = Path("runs/digits_net/checkpoint.pt")  # the book's Net (trained if missing)
+    http: bool = True  # False: in-process only (a machine without Java or wrk)
     notes: list = field(default_factory=list)
 
 
@@ -91,19 +92,26 @@ def time_loop(call, duration: float, warmup: float) -> dict:
 
 
 def in_process_rows(model: str, mar: Path, images: dict, config: BenchConfig) -> list:
-    """(a) and (b) for each image, with the archive's backend and the worker's thread budget."""
-    handler = load_handler(mar, config.work / "unpacked" / model)
-    rows = []
+    """(a) and (b) for each image, with the archive's backend and the worker's thread budget (or
+    the GPU, where there is one); (a) also at the archive's batch size, in images/s."""
+    folder = config.work / "unpacked" / model
+    handler = load_handler(mar, folder, gpu_id=0 if torch.cuda.is_available() else None)
+    batch = int(archive_config(mar).get("batchSize", 1))
+    rows, backend = [], f"{handler.backend}" + (", cuda" if torch.cuda.is_available() else "")
     for name, paths in images.items():
         data = paths[0].read_bytes()
         tensor = handler.preprocess({"body": data}, {})[0].unsqueeze(0)
         with torch.inference_mode():
             forward = time_loop(lambda: handler.runner(tensor), config.duration / 2, config.warmup / 2)
-        pipeline = time_loop(lambda: handler.postprocess(
-            handler.inference(handler.preprocess({"body": data}, {})[0].unsqueeze(0))[0], 5),
-            config.duration / 2, config.warmup / 2)
-        rows.append({"model": model, "image": name, "system": f"(a) forward, {handler.backend}", "concurrency": 1, **forward})
-        rows.append({"model": model, "image": name, "system": f"(b) pipeline, {handler.backend}", "concurrency": 1, **pipeline})
+            batched = time_loop(lambda: handler.runner(tensor.expand(batch, -1, -1, -1).contiguous()),
+                                config.duration / 2, config.warmup / 2) if batch > 1 else None
+        pipeline = time_loop(lambda: predict(handler, data), config.duration / 2, config.warmup / 2)
+        rows.append({"model": model, "image": name, "system": f"(a) forward, {backend}", "concurrency": 1, **forward})
+        if batched:
+            batched["rps"] = round(batched["rps"] * batch, 2)  # images/s
+            rows.append({"model": model, "image": name, "system": f"(a) forward, {backend}, batch {batch}",
+                         "concurrency": 1, **batched})
+        rows.append({"model": model, "image": name, "system": f"(b) pipeline, {backend}", "concurrency": 1, **pipeline})
     return rows
 
 
@@ -123,7 +131,7 @@ def lossy_effect(mar: Path, draft_mar: Path, images: dict, work: Path) -> dict:
 def http_rows(system: str, model: str, server: Server, images: dict, config: BenchConfig) -> list:
     rows, url = [], f"{server.inference_url}/predictions/{model}"
     for name, paths in images.items():
-        answer = predict(model, paths[0].read_bytes(), url=server.inference_url, topk=1)  # answers, before load
+        answer = client.predict(model, paths[0].read_bytes(), url=server.inference_url, topk=1)  # answers, before load
         log.info("%s %s %s: top-1 %s", system, model, name, answer[0] if isinstance(answer, list) else answer)
         for concurrency in config.concurrency:
             run_wrk(url, paths[0], concurrency=concurrency, duration=config.warmup)
@@ -133,10 +141,6 @@ def http_rows(system: str, model: str, server: Server, images: dict, config: Ben
                      result["errors"], result["loadgen_cpu_pct"])
             rows.append({"model": model, "image": name, "system": system, "concurrency": concurrency, **result})
     return rows
-
-
-def serve(store: Path, folder: Path, config_file: Path) -> Server:
-    return Server(model_store=store, config=config_file, workdir=folder / "server")
 
 
 def build_archives(model: str, config: BenchConfig) -> tuple:
@@ -165,8 +169,8 @@ def build_archives(model: str, config: BenchConfig) -> tuple:
     for store, draft in zip(stores, (False, True)):
         archive_torchvision(model, weights_file=weights, options=ArchiveOptions(
             model_name=model, export_path=store, force=True, jpeg_draft=draft))
-    stock = archive_stock_resnet18(base / "stock", weights, list(enum.meta["categories"]))
-    return (*stores, stock)
+    stock = archive_stock_resnet18(base / "stock", weights, list(enum.meta["categories"])) if model == "resnet18" else None
+    return (*stores, stock)  # stock TorchServe: resnet18 and the book's Net only
 
 
 def bench_model(model: str, images: dict, config: BenchConfig) -> dict:
@@ -178,11 +182,13 @@ def bench_model(model: str, images: dict, config: BenchConfig) -> dict:
     servers = [
         ("(c) tvserve", tvserve_store, free_ports_config(DEVELOPMENT_CONFIG, base / "tvserve.properties")),
         ("(c) tvserve+draft", draft_store, free_ports_config(DEVELOPMENT_CONFIG, base / "draft.properties")),
-        ("(d) stock, 1 worker", stock_store, stock_config(base / "stock1.properties", workers=1)),
-        ("(d) stock, defaults", stock_store, stock_config(base / "stock.properties")),
     ]
-    for system, store, properties in servers:
-        with serve(store, base / system.split()[-1].replace(",", ""), properties) as server:
+    if stock_store:
+        servers += [("(d) stock, 1 worker", stock_store, stock_config(base / "stock1.properties", workers=1)),
+                    ("(d) stock, defaults", stock_store, stock_config(base / "stock.properties"))]
+    for system, store, properties in servers if config.http else []:
+        workdir = base / "servers" / "".join(c if c.isalnum() else "-" for c in system)
+        with Server(model_store=store, config=properties, workdir=workdir) as server:
             rows += http_rows(system, model, server, images, config)
     handler_meta = json.loads((config.work / "unpacked" / model / "tvserve.json").read_text())
     return {"rows": rows, "lossy": effect, "backend": handler_meta["backend"]}
@@ -196,15 +202,31 @@ def machine() -> dict:
 
 
 def run(config: BenchConfig) -> dict:
-    wrk_path()  # fail before any slow work
+    if config.http:
+        wrk_path()  # fail before any slow work
+    else:
+        config.notes.append("in-process only (--no-http): no TorchServe or wrk on this machine")
     images = make_images(config.work / "images", {name: IMAGE_SIZES[name] for name in config.images})
     report = {"machine": machine(), "config": {"duration_s": config.duration, "warmup_s": config.warmup,
                                                "concurrency": list(config.concurrency)}, "models": {}}
     for model in config.models:
         report["models"][model] = bench_model(model, images, config)
     report["notes"] = config.notes
+    report["http"] = config.http
     report["targets"] = targets(report)
     return report
+
+
+def check_smoke(report: dict) -> None:
+    """The harness worked: every system measured every model, and nothing failed."""
+    for model, result in report["models"].items():
+        systems = {row["system"].split(",")[0] for row in result["rows"]}
+        wanted = {"(a) forward", "(b) pipeline"} | ({"(c) tvserve", "(c) tvserve+draft", "(d) stock"} if report["http"] else set())
+        if not wanted <= systems:
+            raise TvserveError(f"bench smoke: {model} lacks {', '.join(sorted(wanted - systems))}")
+        bad = [row for row in result["rows"] if row["errors"] or not row["requests"]]
+        if bad:
+            raise TvserveError(f"bench smoke: {model}: errors or no requests in {bad}")
 
 
 def find(rows, **match) -> dict:

@@ -26,33 +26,33 @@ PRODUCTION_CONFIG = Path("config.production.properties")
 
 
 def add_archive_options(parser):
+    """Flags left out keep ArchiveOptions' defaults (tvserve/archive.py), the one place they are set."""
     group = parser.add_argument_group("archive options")
     group.add_argument("--name", dest="model_name", help="model name (default: the model's own)")
-    group.add_argument("--version", default="1.0")
-    group.add_argument("--export-path", type=Path, default=Path("model_store"))
+    group.add_argument("--version", help="default 1.0")
+    group.add_argument("--export-path", type=Path, help="default model_store")
     group.add_argument("--force", action="store_true", help="overwrite an existing archive")
-    group.add_argument("--workers", type=int, default=1)
-    group.add_argument("--batch-size", type=int, default=1)
-    group.add_argument("--max-batch-delay", type=int, default=50, help="ms")
-    group.add_argument("--response-timeout", type=int, default=120, help="s")
-    group.add_argument("--startup-timeout", type=int, default=120, help="s")
-    group.add_argument("--threads", type=int, help="torch threads per worker (default: cores / workers)")
-    group.add_argument("--backend", default="auto",
-                       help="eager, torchscript, onnxruntime or openvino (default auto : the fastest here whose probabilities are within 1e-4 of eager)")
+    group.add_argument("--workers", type=int, help="default 1")
+    group.add_argument("--batch-size", type=int, help="default 8: TorchServe batches the requests already queued")
+    group.add_argument("--max-batch-delay", type=int, help="ms a batch waits for more requests (default 2)")
+    group.add_argument("--response-timeout", type=int, help="s (default 120)")
+    group.add_argument("--startup-timeout", type=int, help="s (default 120)")
+    group.add_argument("--threads", type=int, help="threads per worker (default: cores / workers)")
+    group.add_argument("--backend", help="eager, torchscript, onnxruntime or openvino (default auto: the fastest "
+                       "here whose probabilities are within 1e-4 of eager)")
     group.add_argument("--jpeg-draft", action="store_true",
                        help="lossy: decode big JPEGs at a reduced DCT scale (at least twice the resize size)")
+
+
+ARCHIVE_FLAGS = ("model_name", "version", "export_path", "force", "workers", "batch_size", "max_batch_delay",
+                 "response_timeout", "startup_timeout", "threads", "backend", "jpeg_draft")
 
 
 def archive_options(args):
     from tvserve.archive import ArchiveOptions
 
-    return ArchiveOptions(
-        model_name=args.model_name, version=args.version, export_path=args.export_path,
-        force=args.force, workers=args.workers, batch_size=args.batch_size,
-        max_batch_delay=args.max_batch_delay, response_timeout=args.response_timeout,
-        startup_timeout=args.startup_timeout, threads=args.threads, backend=args.backend,
-        jpeg_draft=args.jpeg_draft,
-    )
+    given = {name: getattr(args, name) for name in ARCHIVE_FLAGS if getattr(args, name) not in (None, False)}
+    return ArchiveOptions(**given)
 
 
 def cmd_archive_torchvision(args):
@@ -129,9 +129,19 @@ def cmd_bench(args):
 
     config = BenchConfig(models=tuple(args.models.split(",")), images=tuple(args.images.split(",")),
                          concurrency=tuple(int(c) for c in args.concurrency.split(",")),
-                         duration=args.duration, warmup=args.warmup, out=args.out, work=args.work)
+                         duration=args.duration, warmup=args.warmup, out=args.out, work=args.work,
+                         http=not args.no_http)
+    if args.smoke:  # seconds: checks the harness, measures nothing worth reporting
+        config.models, config.images, config.concurrency = ("net",), ("0.1MP",), (1, 4)
+        config.duration, config.warmup, config.out = 1.0, 1.0, config.work / "smoke"
     command = "tvserve bench " + " ".join(sys.argv[2:])
-    print(write(run(config), config.out, command.strip()))
+    report = run(config)
+    print(write(report, config.out, command.strip()))
+    if args.smoke:
+        from tvserve.bench import check_smoke
+
+        check_smoke(report)
+        print("bench smoke: every system answered, no errors")
 
 
 def cmd_soak(args):
@@ -327,6 +337,8 @@ def get_parser(with_training: bool = True):
     bench.add_argument("--warmup", type=float, default=3, help="s of load before each point")
     bench.add_argument("--out", type=Path, default=Path("benchmarks"), help="where latest.md and latest.json go")
     bench.add_argument("--work", type=Path, default=Path(".tvserve/bench"), help="archives, images, server logs")
+    bench.add_argument("--no-http", action="store_true", help="in-process rows only (no Java or wrk here)")
+    bench.add_argument("--smoke", action="store_true", help="a seconds-long run of the book's Net that checks the harness")
     bench.set_defaults(func=cmd_bench)
 
     prepare = commands.add_parser("prepare", help="build the default archives that are missing")

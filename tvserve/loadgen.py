@@ -44,7 +44,7 @@ def run_wrk(url: str, body: Path, *, concurrency: int, duration: float, timeout_
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(WRK_SCRIPT)
     try:
-        command = [wrk_path(), "-t", str(min(concurrency, 2)), "-c", str(concurrency), "-d", f"{duration:g}s",
+        command = [wrk_path(), "-t", str(min(concurrency, 2)), "-c", str(concurrency), "-d", f"{max(1, round(duration))}s",
                    "--timeout", f"{timeout_s}s", "-s", script.name, url]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                    env={**os.environ, "TVSERVE_BODY": str(body)})

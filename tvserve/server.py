@@ -137,6 +137,7 @@ class Server:
         tmp.mkdir(parents=True, exist_ok=True)
         env.update(TMPDIR=str(tmp), TEMP=str(tmp), LOG_LOCATION=str(self.log_dir), METRICS_LOCATION=str(self.log_dir))
         env["TVSERVE_BUSY_DIR"] = str(self.busy_dir)  # workers mark the batches they are running
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep, not spin (handlers/backends.py)
         if "TVSERVE_THREADS" not in env:
             env["TVSERVE_THREADS"] = str(self.threads_per_worker())
         return env
