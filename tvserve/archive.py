@@ -62,7 +62,7 @@ class ArchiveOptions:
     force: bool = False
     workers: int = 1
     batch_size: int = 8  # TorchServe batches what is queued; see max_batch_delay
-    max_batch_delay: int = 2  # ms a batch waits for more requests: what an idle server adds to a request
+    max_batch_delay: int = 1  # ms: the most an idle server adds; a backlog fills batches at once (see README)
     response_timeout: int = 120  # s
     startup_timeout: int = 120  # s
     threads: int = None  # torch threads per worker; None: cores / workers, decided in the worker

@@ -34,7 +34,7 @@ def add_archive_options(parser):
     group.add_argument("--force", action="store_true", help="overwrite an existing archive")
     group.add_argument("--workers", type=int, help="default 1")
     group.add_argument("--batch-size", type=int, help="default 8: TorchServe batches the requests already queued")
-    group.add_argument("--max-batch-delay", type=int, help="ms a batch waits for more requests (default 2)")
+    group.add_argument("--max-batch-delay", type=int, help="ms a batch waits for more requests (default 1)")
     group.add_argument("--response-timeout", type=int, help="s (default 120)")
     group.add_argument("--startup-timeout", type=int, help="s (default 120)")
     group.add_argument("--threads", type=int, help="threads per worker (default: cores / workers)")
