@@ -1,15 +1,18 @@
 """tvserve's TorchServe handler: one image classifier for torchvision models and trained checkpoints.
 
 Lifecycle, in the TorchServe worker:
-- `initialize(context)` once: reads the archive's `tvserve.json`, checks the weights' sha256,
-  builds the model in eval mode, and the preprocessing `Compose` from the recorded preset.
+- `initialize(context)` once: reads the archive's `tvserve.json`, sets its thread budget, checks
+  the sha256 of the weights (or of the exported model) and loads the recorded backend (eager
+  model in eval mode, TorchScript, ONNX Runtime or OpenVINO; eager on a GPU), and builds the
+  preprocessing `Compose` from the recorded preset.
 - `handle(data, context)` per batch: decode and validate each request (a client mistake gets its
   own 4xx with a JSON body, the rest of the batch still runs), stack, one forward under
   `torch.inference_mode()`, then one JSON top-k list per request:
   [{"label": "tabby", "index": 281, "probability": 0.93}, ...], most probable first.
 - The management API's `GET /models/NAME?customized=true` gets the archive's metadata.
 
-Everything here imports torch, torchvision, PIL and the files shipped in the archive only.
+Everything here imports torch, torchvision, PIL, the backend's runtime and the files shipped in
+the archive only.
 """
 
 import contextlib
