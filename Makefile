@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 # pip's local-mirror notices ("... is ignored") say nothing about the install: keep them out.
 PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup serve test archives clean image image-test
+.PHONY: setup serve test archives clean image image-test bench bench-smoke
 
 $(INSTALLED): pyproject.toml
 	@scripts/check_java.sh
@@ -29,6 +29,12 @@ serve: archives  ## TorchServe in the foreground on 127.0.0.1:8080/8081/8082; Ct
 test: setup  ## the whole suite, against real TorchServe processes on free loopback ports
 	@scripts/check_java.sh
 	$(BIN)/pytest
+
+bench: setup  ## in-process vs tvserve vs stock TorchServe, side by side (~20 min); writes benchmarks/latest.md
+	$(BIN)/tvserve bench
+
+bench-smoke: setup  ## a seconds-long bench run that checks the harness works (CI)
+	$(BIN)/tvserve bench --smoke
 
 image:  ## the container image, localhost/tvserve:latest (buildah: no Docker engine needed)
 	scripts/container/build.sh

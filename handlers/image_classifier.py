@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from handlers.backends import load_runner, set_threads
+from handlers.backends import EAGER, load_runner, set_threads
 from handlers.decoding import RequestError, open_image, parse_request, parse_topk
 from handlers.preprocessing import build_transform
 
@@ -94,7 +94,7 @@ def load_backend(model_dir: Path, meta: dict, threads: int, device: str):
     """The runner of the archive's recorded backend (eager for archives that record none)."""
     backend = meta.get("backend") or {"name": "eager"}
     name = backend["name"] if device == "cpu" else "eager"
-    if name == "eager":
+    if name in EAGER:
         return name, load_runner(name, model=load_model(model_dir, meta), device=device)
     return name, load_runner(name, path=verified(model_dir, backend), threads=threads)
 

@@ -45,8 +45,8 @@ class BenchConfig:
     models: tuple = ("resnet18", BOOK_MODEL)
     images: tuple = tuple(IMAGE_SIZES)
     concurrency: tuple = (1, 4, 16)
-    duration: float = 10.0  # s measured per point
-    warmup: float = 3.0  # s of the same load before each point
+    duration: float = 8.0  # s measured per point
+    warmup: float = 2.0  # s of the same load before each point
     work: Path = Path(".tvserve/bench")
     out: Path = Path("benchmarks")
     checkpoint: Path = Path("runs/digits_net/checkpoint.pt")  # the book's Net (trained if missing)
