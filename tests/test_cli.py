@@ -71,13 +71,25 @@ def broken_copy(mar: Path, dest: Path, edit) -> Path:
     return dest
 
 
+def missing_class(meta: dict) -> None:
+    """Names a class the model file lacks; eager, so the worker builds the class (an exported
+    backend would not need it)."""
+    meta["model"]["class"] = "NoSuchNet"
+    meta["backend"] = {"name": "eager"}
+
+
+def tampered(meta: dict) -> None:
+    """Records other hashes than the files': the weights' and, if any, the exported model's."""
+    for entry in (meta["weights"], meta.get("backend", {})):
+        if "sha256" in entry:
+            entry["sha256"] = "0" * 64
+
+
 @pytest.mark.parametrize("case", ["missing_class", "tampered_weights"])
 def test_serve_exits_nonzero_with_the_workers_error(tmp_path, model_store, case):
     edits = {
-        "missing_class": (lambda meta: meta["model"].update({"class": "NoSuchNet"}),
-                          "models.py defines no class 'NoSuchNet'"),
-        "tampered_weights": (lambda meta: meta["weights"].update({"sha256": "0" * 64}),
-                             "Tampered archive"),
+        "missing_class": (missing_class, "models.py defines no class 'NoSuchNet'"),
+        "tampered_weights": (tampered, "Tampered archive"),
     }
     edit, expected = edits[case]
     store = tmp_path / "store"

@@ -17,7 +17,7 @@ import requests
 
 from conftest import PHOTOS
 from helpers import REPO, post_image, run_tvserve
-from test_cli import broken_copy
+from test_cli import broken_copy, missing_class
 from tvserve import TvserveError, client
 from tvserve.server import (Server, free_port, free_ports_config, health, model_status, pending_requests,
                             read_properties,
@@ -225,8 +225,7 @@ def test_overload_gets_fast_503s_and_the_server_recovers(work, model_store):
 def test_health_says_not_ready_while_ping_says_healthy(work, model_store):
     folder = work / "notready"
     store = folder / "model_store"
-    broken_copy(model_store / "digits_net.mar", store / "digits_net.mar",
-                lambda meta: meta["model"].update({"class": "NoSuchNet"}))
+    broken_copy(model_store / "digits_net.mar", store / "digits_net.mar", missing_class)
     server = make_server(folder, store, REPO / "config.properties").start()  # never READY: no wait
     try:
         deadline = time.monotonic() + 60

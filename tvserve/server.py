@@ -24,6 +24,7 @@ import yaml
 
 from tvserve import TvserveError
 from tvserve.client import KEY_FILE, bearer, read_keys
+from tvserve.log4j2 import log4j2_xml
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +167,9 @@ class Server:
             "--model-store", str(self.model_store), "--ts-config", str(self.config),
             "--models", self.models,
         ]
+        if self.properties.get("tvserve_lean_logs") == "true":
+            (self.workdir / "log4j2.xml").write_text(log4j2_xml())
+            command += ["--log-config", str(self.workdir / "log4j2.xml")]
         self.console = open(self.log_dir / "console.log", "ab")
         self.process = subprocess.Popen(
             command, cwd=self.workdir, env=self.environment(), start_new_session=True,
