@@ -62,10 +62,11 @@ def resnet18_weights(work):
 def model_store(work, digits_run, resnet18_weights):
     store = work / "model_store"
     checkpoint = digits_run / "checkpoint.pt"
-    archive_checkpoint(checkpoint, options=ArchiveOptions(model_name="digits_net", export_path=store))
+    # One worker each, as the fault tests expect (one PID to kill); backend and batching as `auto` decides.
+    archive_checkpoint(checkpoint, options=ArchiveOptions(model_name="digits_net", export_path=store, workers=1))
     archive_checkpoint(checkpoint, options=ArchiveOptions(
-        model_name="digits_batched", export_path=store, batch_size=4, max_batch_delay=200))
-    archive_torchvision("resnet18", weights_file=resnet18_weights, options=ArchiveOptions(export_path=store))
+        model_name="digits_batched", export_path=store, workers=1, batch_size=4, max_batch_delay=200))
+    archive_torchvision("resnet18", weights_file=resnet18_weights, options=ArchiveOptions(export_path=store, workers=1))
     return store
 
 

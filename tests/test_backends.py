@@ -19,10 +19,10 @@ from conftest import PHOTOS
 from helpers import served_probabilities
 from handlers.decoding import open_image
 from tvserve import TvserveError, client
-from tvserve.archive import ArchiveOptions, archive_custom, archive_torchvision, read_metadata
-from tvserve.backends import PARITY_TOLERANCE
+from tvserve.archive import ArchiveOptions, archive_checkpoint, archive_custom, archive_torchvision, read_metadata
+from tvserve.backends import BATCH_GAIN, BATCH_SIZE, MAX_AUTO_WORKERS, PARITY_TOLERANCE
 from tvserve.inprocess import load_handler, predict
-from tvserve.server import Server, write_properties
+from tvserve.server import Server, archive_config, write_properties
 
 CPU_BACKENDS = ["eager_channels_last", "torchscript", "onnxruntime", "openvino"]
 EXPORTED = ["torchscript", "onnxruntime", "openvino"]
@@ -124,6 +124,19 @@ def test_worker_thread_budget_fits_the_cores(server, model_store):
     loaded = re.findall(r"tvserve: loaded (\S+) .* (\d+) threads", (server.log_dir / "model_log.log").read_text())
     assert {"digits_net", "digits_batched", "resnet18"} <= {name for name, _ in loaded}
     assert all(int(count) == expected for _, count in loaded)
+
+
+def test_auto_workers_and_batching_follow_the_measurements(digits_run, model_store, tmp_path):
+    """The book's Net costs less than decoding a photo: one worker per core; resnet18 the opposite.
+    Batching is on exactly where the chosen backend's batches were cheaper per image."""
+    net = archive_checkpoint(digits_run / "checkpoint.pt", options=ArchiveOptions(model_name="net", export_path=tmp_path))
+    assert archive_config(net)["minWorkers"] == min(os.cpu_count(), MAX_AUTO_WORKERS)
+    assert archive_config(model_store / "resnet18.mar")["minWorkers"] == 1  # pinned by the fixture
+    for mar in (net, model_store / "resnet18.mar"):
+        backend = read_metadata(mar)["backend"]
+        chosen = next(c for c in backend["selection"]["candidates"] if c["name"] == backend["name"])
+        expected = BATCH_SIZE if chosen["ms_batch_4"] <= BATCH_GAIN * chosen["ms_batch_1"] else 1
+        assert archive_config(mar)["batchSize"] == expected
 
 
 def test_thread_budget_can_be_set_in_the_config(model_store, tmp_path):

@@ -21,7 +21,7 @@ import tempfile
 import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from unittest import mock
@@ -40,7 +40,7 @@ from handlers.image_classifier import METADATA_FILE, build_model, sha256_of
 from handlers.preprocessing import INTERPOLATIONS
 from tvserve import TvserveError, __version__
 from tvserve import torchvision_models as tvm
-from tvserve.backends import select_backend
+from tvserve.backends import TIMED_BATCH, choose_batch_size, choose_workers, select_backend
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,8 @@ class ArchiveOptions:
     version: str = DEFAULT_VERSION
     export_path: Path = Path("model_store")
     force: bool = False
-    workers: int = 1
-    batch_size: int = 8  # TorchServe batches what is queued; see max_batch_delay
+    workers: int = None  # None: measured here (tvserve/backends.py choose_workers)
+    batch_size: int = None  # None: 8 where batches are cheaper per image here, else 1 (choose_batch_size)
     max_batch_delay: int = 1  # ms: the most an idle server adds; a backlog fills batches at once (see README)
     response_timeout: int = 120  # s
     startup_timeout: int = 120  # s
@@ -71,7 +71,7 @@ class ArchiveOptions:
 
     def thread_budget(self) -> int:
         """The threads a worker of this archive gets on this machine (as the handler decides)."""
-        return self.threads or max(1, (os.cpu_count() or 1) // self.workers)
+        return self.threads or max(1, (os.cpu_count() or 1) // (self.workers or 1))
 
     def model_config(self) -> dict:
         config = {
@@ -178,14 +178,24 @@ def copy_into(mar: zipfile.ZipFile, source: Path, name: str) -> str:
         return sha256.result()
 
 
-def choose_backend(meta: dict, weights: Path, model_dir: Path, options: ArchiveOptions, folder: Path) -> dict:
-    """Builds the model with its real weights on the CPU and picks its backend (tvserve/backends.py)."""
-    if options.backend == "eager":
-        return {"name": "eager", "file": None, "selection": {"wanted": "eager"}}
+def tune(meta: dict, weights: Path, model_dir: Path, options: ArchiveOptions, folder: Path) -> tuple:
+    """(options with workers and batch size decided, backend) for this machine: builds the model
+    with its real weights on the CPU, decides the workers, then picks the backend and the batch
+    size from its timings (tvserve/backends.py)."""
+    if options.backend == "eager" and options.workers and options.batch_size:
+        return options, {"name": "eager", "file": None, "selection": {"wanted": "eager"}}
     model = build_model(model_dir, meta["model"])
     model.load_state_dict(load_state_dict_file(weights), strict=True)
-    log.info("choosing %s's backend (%s) with %d threads ...", meta["name"], options.backend, options.thread_budget())
-    return select_backend(model.eval(), meta["preset"]["crop"], options.thread_budget(), options.backend, folder)
+    if not options.workers:
+        options = replace(options, workers=choose_workers(model.eval(), meta["preset"]))
+    log.info("choosing %s's backend (%s) for %d worker(s) x %d threads ...", meta["name"], options.backend,
+             options.workers, options.thread_budget())
+    wanted = options.backend if options.backend else "auto"
+    backend = select_backend(model.eval(), meta["preset"]["crop"], options.thread_budget(), wanted, folder,
+                             batch=options.batch_size or TIMED_BATCH)
+    if not options.batch_size:
+        options = replace(options, batch_size=choose_batch_size(backend))
+    return options, backend
 
 
 def write_archive(meta: dict, weights: Path, options: ArchiveOptions, model_dir: Path, sources=(),
@@ -207,7 +217,7 @@ def write_archive(meta: dict, weights: Path, options: ArchiveOptions, model_dir:
             sha256 = copy_into(mar, Path(weights), WEIGHTS_FILE)
             if check_sha256:
                 check_sha256(sha256)
-            backend = choose_backend(meta, weights, model_dir, options, Path(exports))
+            options, backend = tune(meta, weights, model_dir, options, Path(exports))
             if backend["file"]:
                 exported = Path(backend["file"])
                 backend = {**backend, "file": exported.name, "sha256": copy_into(mar, exported, exported.name)}

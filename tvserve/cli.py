@@ -32,8 +32,10 @@ def add_archive_options(parser):
     group.add_argument("--version", help="default 1.0")
     group.add_argument("--export-path", type=Path, help="default model_store")
     group.add_argument("--force", action="store_true", help="overwrite an existing archive")
-    group.add_argument("--workers", type=int, help="default 1")
-    group.add_argument("--batch-size", type=int, help="default 8: TorchServe batches the requests already queued")
+    group.add_argument("--workers", type=int, help="default: measured here, one per core for a model cheaper than "
+                       "decoding a photo, else one with every core's threads")
+    group.add_argument("--batch-size", type=int, help="default: 8 where the chosen backend's batches are cheaper "
+                       "per image here, else 1")
     group.add_argument("--max-batch-delay", type=int, help="ms a batch waits for more requests (default 1)")
     group.add_argument("--response-timeout", type=int, help="s (default 120)")
     group.add_argument("--startup-timeout", type=int, help="s (default 120)")
