@@ -32,3 +32,17 @@ def served_probabilities(server, model, data, n_classes, session=requests) -> to
     for item in response.json():
         probabilities[item["index"]] = item["probability"]
     return probabilities
+
+
+def write_custom_model(folder: Path, name: str, source: str, class_name: str, labels: list, **init):
+    """Writes a model file (folder/NAME.py), its labels (labels.txt) and random weights (NAME.pt)
+    for `tvserve archive custom`; returns the model, in eval mode, that the weights belong to."""
+    folder.mkdir(parents=True)
+    (folder / f"{name}.py").write_text(source)
+    (folder / "labels.txt").write_text("".join(f"{label}\n" for label in labels))
+    namespace = {}
+    exec(compile(source, f"{name}.py", "exec"), namespace)
+    torch.manual_seed(0)
+    model = namespace[class_name](**init)
+    torch.save(model.state_dict(), folder / f"{name}.pt")
+    return model.eval()

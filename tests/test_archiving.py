@@ -12,7 +12,7 @@ from PIL import Image
 from torchvision.models import get_model_weights
 
 from conftest import PHOTOS
-from helpers import post_image, run_tvserve, served_probabilities
+from helpers import post_image, run_tvserve, served_probabilities, write_custom_model
 from tvserve import TvserveError, client
 from tvserve.archive import (ArchiveOptions, archive_custom, archive_torchvision, build_for_check,
                              check_model, read_metadata, torchvision_metadata)
@@ -115,15 +115,7 @@ CUSTOM_PRESET = dict(resize=40, crop=32, interpolation="bicubic", mean="0.5,0.4,
 @pytest.fixture(scope="module")
 def custom_files(work):
     folder = work / "custom"
-    folder.mkdir()
-    (folder / "tiny.py").write_text(CUSTOM_MODEL)
-    (folder / "labels.txt").write_text("cat\ndog\nbird\n")
-    namespace = {}
-    exec(compile(CUSTOM_MODEL, "tiny.py", "exec"), namespace)
-    torch.manual_seed(0)
-    model = namespace["TinyClassifier"](width=8)
-    torch.save(model.state_dict(), folder / "tiny.pt")
-    return folder, model.eval()
+    return folder, write_custom_model(folder, "tiny", CUSTOM_MODEL, "TinyClassifier", ["cat", "dog", "bird"], width=8)
 
 
 def archive_tiny(folder, export_path, **changes):
