@@ -8,6 +8,7 @@ inter-op thread, in float32 (no reduced precision: served probabilities stay wit
 On a CUDA device the worker runs eager PyTorch, whatever the archive's CPU backend.
 """
 
+import os
 import warnings
 
 import torch
@@ -74,6 +75,11 @@ class OpenVino:
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.request.infer([batch.numpy()])[0].copy())
+
+
+def cores_per_worker(workers: int) -> int:
+    """This machine's cores shared evenly among `workers` (at least 1): workers x threads <= cores."""
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
 def set_threads(threads: int) -> None:

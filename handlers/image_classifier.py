@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from handlers.backends import EAGER, load_runner, set_threads
+from handlers.backends import EAGER, cores_per_worker, load_runner, set_threads
 from handlers.decoding import RequestError, open_image, parse_request, parse_topk
 from handlers.preprocessing import build_transform
 
@@ -107,7 +107,7 @@ def thread_budget(context) -> int:
     if threads:
         return int(threads)
     workers = int(yaml_config.get("maxWorkers") or yaml_config.get("minWorkers") or 1)
-    return max(1, (os.cpu_count() or 1) // workers)
+    return cores_per_worker(workers)
 
 
 @contextlib.contextmanager

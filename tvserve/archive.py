@@ -15,7 +15,6 @@ temporary name and renamed, so an interrupted run never leaves a half-written `.
 import contextlib
 import json
 import logging
-import os
 import platform
 import tempfile
 import warnings
@@ -36,6 +35,7 @@ from model_archiver.model_packaging_utils import ModelExportUtils
 
 import handlers
 import training.models
+from handlers.backends import cores_per_worker
 from handlers.image_classifier import METADATA_FILE, build_model, sha256_of
 from handlers.preprocessing import INTERPOLATIONS
 from tvserve import TvserveError, __version__
@@ -71,7 +71,7 @@ class ArchiveOptions:
 
     def thread_budget(self) -> int:
         """The threads a worker of this archive gets on this machine (as the handler decides)."""
-        return self.threads or max(1, (os.cpu_count() or 1) // (self.workers or 1))
+        return self.threads or cores_per_worker(self.workers or 1)
 
     def model_config(self) -> dict:
         config = {

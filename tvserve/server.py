@@ -153,7 +153,7 @@ class Server:
         mars = list(self.model_store.glob("*.mar")) if self.models == "all" else [
             self.model_store / entry.split("=")[-1] for entry in self.models.split(",")]
         workers = sum(int(archive_config(mar).get("minWorkers", default)) for mar in mars if mar.is_file())
-        return max(1, (os.cpu_count() or 1) // max(1, workers))
+        return max(1, (os.cpu_count() or 1) // max(1, workers))  # as handlers.backends.cores_per_worker (no torch here)
 
     def start(self) -> "Server":
         if not self.model_store.is_dir():
