@@ -7,6 +7,8 @@ loaded with the worker's own code (handlers/backends.py) and the worker's thread
    PARITY_TOLERANCE of eager's; a candidate that fails to export or differs more is dropped;
  - timed: the median forward after a warm-up, per image, at batch 1 and at the served batch size.
 `auto` keeps the fastest that passed (eager always passes). The report goes into tvserve.json.
+The same timings decide what an archive leaves to the machine: its workers (choose_workers) and
+its batch size (choose_batch_size).
 """
 
 import copy
