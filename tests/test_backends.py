@@ -22,7 +22,7 @@ from handlers.decoding import open_image
 from tvserve import TvserveError, client
 from tvserve.archive import ArchiveOptions, archive_checkpoint, archive_custom, archive_torchvision, read_metadata
 from tvserve.backends import BATCH_GAIN, BATCH_SIZE, MAX_AUTO_WORKERS, PARITY_TOLERANCE
-from tvserve.inprocess import load_handler, predict
+from tvserve.inprocess import load_handler, predict, probabilities
 from tvserve.server import Server, archive_config, write_properties
 
 CPU_BACKENDS = ["eager_channels_last", "torchscript", "onnxruntime", "openvino"]
@@ -35,11 +35,6 @@ def eager_resnet18(weights_file, photo):
     transform = torchvision.models.ResNet18_Weights.DEFAULT.transforms()
     with torch.inference_mode():
         return torch.softmax(model.eval()(transform(Image.open(photo).convert("RGB")).unsqueeze(0)), 1)[0]
-
-
-def in_process_probabilities(handler, data) -> torch.Tensor:
-    tensor, _ = handler.preprocess({"body": data}, {})
-    return handler.inference(tensor.unsqueeze(0))[0]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -55,7 +50,7 @@ def test_backend_serves_like_itself_in_process_and_like_eager(server, model_stor
     try:
         for photo in PHOTOS:
             served = served_probabilities(server, name, photo.read_bytes(), 1000)
-            torch.testing.assert_close(served, in_process_probabilities(handler, photo.read_bytes()),
+            torch.testing.assert_close(served, probabilities(handler, photo.read_bytes()),
                                        rtol=0, atol=1e-6)
             torch.testing.assert_close(served, eager_resnet18(resnet18_weights, photo), rtol=0, atol=PARITY_TOLERANCE)
     finally:
@@ -167,8 +162,8 @@ def test_jpeg_draft_archive_is_served_and_its_effect_is_small(server, model_stor
     client.register(archive.name, management_url=server.management_url)
     try:
         served = served_probabilities(server, "resnet18_draft", data, 1000)
-        torch.testing.assert_close(served, in_process_probabilities(draft, data), rtol=0, atol=1e-6)
-        assert (served - in_process_probabilities(exact, data)).abs().max() > 0  # decoded otherwise
+        torch.testing.assert_close(served, probabilities(draft, data), rtol=0, atol=1e-6)
+        assert (served - probabilities(exact, data)).abs().max() > 0  # decoded otherwise
         assert len(predict(draft, data)) == 5
     finally:
         client.unregister("resnet18_draft", "1.0", management_url=server.management_url)

@@ -26,7 +26,7 @@ from PIL import Image
 from tvserve import TvserveError
 from tvserve.archive import ArchiveOptions, archive_checkpoint, archive_torchvision, load_checkpoint
 from tvserve import client
-from tvserve.inprocess import load_handler, predict
+from tvserve.inprocess import load_handler, predict, probabilities
 from tvserve.loadgen import run_wrk, wrk_path
 from tvserve.server import Server, archive_config, free_ports_config
 from tvserve.stock import archive_stock_book_model, archive_stock_resnet18, stock_config
@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 PHOTOS = sorted((Path(sklearn.datasets.__file__).parent / "images").glob("*.jpg"))  # two real 640x427 photos
 IMAGE_SIZES = {"0.1MP": (387, 258), "0.5MP": (866, 577), "12MP": (4243, 2828)}
 BOOK_MODEL = "net"
+GPU_ID = 0 if torch.cuda.is_available() else None  # in-process rows run where a worker would
 DEVELOPMENT_CONFIG = Path(__file__).resolve().parents[1] / "config.properties"  # tvserve's own settings
 
 
@@ -91,12 +92,9 @@ def time_loop(call, duration: float, warmup: float) -> dict:
     return percentiles(latencies, time.perf_counter() - start)
 
 
-def in_process_rows(model: str, mar: Path, images: dict, config: BenchConfig) -> list:
-    """(a) and (b) for each image, with the archive's backend and the worker's thread budget (or
-    the GPU, where there is one); (a) also at the archive's batch size, in images/s."""
-    folder = config.work / "unpacked" / model
-    handler = load_handler(mar, folder, gpu_id=0 if torch.cuda.is_available() else None)
-    batch = int(archive_config(mar).get("batchSize", 1))
+def in_process_rows(model: str, handler, batch: int, images: dict, config: BenchConfig) -> list:
+    """(a) and (b) for each image with the archive's `handler`: its backend and the worker's thread
+    budget (or the GPU, where there is one); (a) also at the archive's `batch` size, in images/s."""
     rows, backend = [], f"{handler.backend}" + (", cuda" if torch.cuda.is_available() else "")
     for name, paths in images.items():
         data = paths[0].read_bytes()
@@ -115,13 +113,14 @@ def in_process_rows(model: str, mar: Path, images: dict, config: BenchConfig) ->
     return rows
 
 
-def lossy_effect(mar: Path, draft_mar: Path, images: dict, work: Path) -> dict:
-    """JPEG draft vs exact decoding over every benchmark image: largest probability change and top-1 agreement."""
-    exact, draft = load_handler(mar, work / "effect-exact"), load_handler(draft_mar, work / "effect-draft")
+def lossy_effect(exact, draft_mar: Path, images: dict, work: Path) -> dict:
+    """JPEG draft vs the `exact` handler over every benchmark image: largest probability change and
+    top-1 agreement."""
+    draft = load_handler(draft_mar, work / "effect-draft", gpu_id=GPU_ID)
     gaps, agree, total = [], 0, 0
     for path in [path for paths in images.values() for path in paths]:
         data = path.read_bytes()
-        p, q = (h.inference(h.preprocess({"body": data}, {})[0].unsqueeze(0))[0] for h in (exact, draft))
+        p, q = (probabilities(h, data) for h in (exact, draft))
         gaps.append((p - q).abs().max().item())
         agree += int(p.argmax() == q.argmax())
         total += 1
@@ -176,8 +175,9 @@ def build_archives(model: str, config: BenchConfig) -> tuple:
 def bench_model(model: str, images: dict, config: BenchConfig) -> dict:
     tvserve_store, draft_store, stock_store = build_archives(model, config)
     mar = tvserve_store / f"{model}.mar"
-    rows = in_process_rows(model, mar, images, config)
-    effect = lossy_effect(mar, draft_store / f"{model}.mar", images, config.work / "unpacked" / model)
+    handler = load_handler(mar, config.work / "unpacked" / model, gpu_id=GPU_ID)
+    rows = in_process_rows(model, handler, int(archive_config(mar).get("batchSize", 1)), images, config)
+    effect = lossy_effect(handler, draft_store / f"{model}.mar", images, config.work / "unpacked" / model)
     base = config.work / model
     servers = [
         ("(c) tvserve", tvserve_store, free_ports_config(DEVELOPMENT_CONFIG, base / "tvserve.properties")),
@@ -190,8 +190,7 @@ def bench_model(model: str, images: dict, config: BenchConfig) -> dict:
         workdir = base / "servers" / "".join(c if c.isalnum() else "-" for c in system)
         with Server(model_store=store, config=properties, workdir=workdir) as server:
             rows += http_rows(system, model, server, images, config)
-    handler_meta = json.loads((config.work / "unpacked" / model / "tvserve.json").read_text())
-    return {"rows": rows, "lossy": effect, "backend": handler_meta["backend"]}
+    return {"rows": rows, "lossy": effect, "backend": handler.meta["backend"]}
 
 
 def machine() -> dict:

@@ -30,6 +30,12 @@ def load_handler(mar: Path, folder: Path, *, threads: int = None, gpu_id: int = 
     return handler
 
 
+def probabilities(handler: ImageClassifier, image: bytes):
+    """Every class's probability for one image (decode, preprocess, forward), as served."""
+    tensor, _ = handler.preprocess({"body": image}, {})
+    return handler.inference(tensor.unsqueeze(0))[0]
+
+
 def predict(handler: ImageClassifier, image: bytes) -> list:
     """The full pipeline for one image: decode, preprocess, forward, top-k, as served."""
     tensor, topk = handler.preprocess({"body": image}, {})
