@@ -35,7 +35,7 @@ RUN mkdir -p /usr/share/man/man1 \
  && install -d -o tvserve -g tvserve -m 0700 /var/lib/tvserve
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/tvserve/model_store /opt/tvserve/model_store
-COPY config.production.properties scripts/container/entrypoint.sh /opt/tvserve/
+COPY tvserve/ops/config.production.properties scripts/container/entrypoint.sh /opt/tvserve/
 WORKDIR /opt/tvserve
 # TVSERVE_WORKDIR holds the API keys (key_file.json, 0600), logs and temporary files.
 ENV PATH=/opt/venv/bin:$PATH TVSERVE_WORKDIR=/var/lib/tvserve PYTHONDONTWRITEBYTECODE=1

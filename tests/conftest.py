@@ -1,21 +1,20 @@
 """Shared fixtures: a short digits training run, archives built by the real CLI code, and one real
 TorchServe on free loopback ports for the whole session (stopped with its workers at the end)."""
 
-from pathlib import Path
-
 import pytest
-import sklearn.datasets
 import torch
 import torchvision
 import torchvision.transforms.functional as TF
 
 from training.data import load_dataset
 from training.train import get_args_parser, main as train_main
-from tvserve.archive import ArchiveOptions, archive_checkpoint, archive_torchvision
-from tvserve.server import Server, free_ports_config
+from tvserve.build.options import ArchiveOptions
+from tvserve.build.sources import archive_checkpoint, archive_torchvision
+from tvserve.ops.properties import free_ports_config
+from tvserve.ops.server import Server
+from tvserve.tools.photos import PHOTOS  # noqa: F401 - the tests import it from here
 
 from helpers import REPO
-PHOTOS = sorted((Path(sklearn.datasets.__file__).parent / "images").glob("*.jpg"))  # real photos
 DIGITS_EPOCHS = 10
 
 

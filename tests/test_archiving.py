@@ -13,11 +13,14 @@ from torchvision.models import get_model_weights
 
 from conftest import PHOTOS
 from helpers import post_image, run_tvserve, served_probabilities, write_custom_model
-from tvserve import TvserveError, client
-from tvserve.archive import (ArchiveOptions, archive_custom, archive_torchvision, build_for_check,
-                             check_model, read_metadata, torchvision_metadata)
-from tvserve.backends import PARITY_TOLERANCE
-from tvserve.torchvision_models import classification_models, preset_of
+from handlers.tasks.classification import PARITY_TOLERANCE
+from tvserve import TvserveError
+from tvserve.build.check import build_for_check, check_model
+from tvserve.build.mar import read_record
+from tvserve.build.options import ArchiveOptions
+from tvserve.build.sources import archive_custom, archive_torchvision, torchvision_record
+from tvserve.build.zoo import classification_models, preset_of
+from tvserve.ops import client
 
 ZOO = classification_models()
 LIVE_SAMPLE = ["mobilenet_v3_small", "efficientnet_b0", "inception_v3", "vit_b_32"]
@@ -42,10 +45,10 @@ def test_every_zoo_model_archive_metadata_checks_out_without_materialising(name,
     """Metadata from the DEFAULT weights; the module built on the meta device with the recorded
     arguments takes the preset's crop and gives one logit per label."""
     weights = get_model_weights(name).DEFAULT
-    meta = torchvision_metadata(name, weights)
-    assert meta["labels"] == weights.meta["categories"]
-    assert meta["preset"] == preset_of(weights)
-    model = build_for_check(tmp_path, meta["model"])
+    record = torchvision_record(name, weights)
+    assert record.labels == weights.meta["categories"]
+    assert record.preset.to_dict() == preset_of(weights)
+    model = build_for_check(tmp_path, record.model)
     assert all(p.is_meta for p in model.parameters())
     # googlenet's and inception's weights hold auxiliary heads that eval mode never runs; their
     # meta counts them for inception_v3 and not for googlenet.
@@ -53,7 +56,7 @@ def test_every_zoo_model_archive_metadata_checks_out_without_materialising(name,
     total = sum(p.numel() for p in model.parameters())
     without_aux = sum(p.numel() for key, p in model.named_parameters() if not key.startswith(auxiliary))
     assert weights.meta["num_params"] in (total, without_aux)
-    check_model(meta, model.state_dict(), tmp_path)
+    check_model(record, model.state_dict(), tmp_path)
 
 
 def torchvision_reference(name, weights_file):
@@ -69,7 +72,7 @@ def torchvision_reference(name, weights_file):
 def test_sample_model_round_trips_through_live_server(server, model_store, work, name):
     torch.manual_seed(0)
     weights_file = work / f"{name}-random.pth"
-    kwargs = torchvision_metadata(name, get_model_weights(name).DEFAULT)["model"]["kwargs"]
+    kwargs = torchvision_record(name, get_model_weights(name).DEFAULT).model.kwargs
     torch.save(torchvision.models.get_model(name, weights=None, **kwargs).state_dict(), weights_file)
     archive = archive_torchvision(name, weights_file=weights_file,
                                   options=ArchiveOptions(export_path=model_store, startup_timeout=300))
@@ -144,7 +147,7 @@ def test_custom_model_serves_like_in_process(server, model_store, custom_files):
         assert [item["label"] for item in served] == [["cat", "dog", "bird"][i] for i in order]
         for item, i in zip(served, order):
             assert item["probability"] == pytest.approx(expected[i].item(), abs=PARITY_TOLERANCE)
-        meta = read_metadata(archive)
+        meta = read_record(archive).to_dict()
         assert meta["source"] == "custom" and meta["model"]["class"] == "TinyClassifier"
         assert meta["preset"]["mean"] == [0.5, 0.4, 0.3]
     finally:

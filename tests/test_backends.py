@@ -17,13 +17,18 @@ from PIL import Image
 
 from conftest import PHOTOS
 from helpers import served_probabilities, write_custom_model
-from handlers.backends import EAGER
-from handlers.decoding import open_image
-from tvserve import TvserveError, client
-from tvserve.archive import ArchiveOptions, archive_checkpoint, archive_custom, archive_torchvision, read_metadata
-from tvserve.backends import BATCH_GAIN, BATCH_SIZE, MAX_AUTO_WORKERS, PARITY_TOLERANCE
-from tvserve.inprocess import load_handler, predict, probabilities
-from tvserve.server import Server, archive_config, write_properties
+from handlers.images import open_image
+from handlers.runtimes import EAGER
+from handlers.tasks.classification import PARITY_TOLERANCE
+from tvserve import TvserveError
+from tvserve.build.mar import read_model_config as archive_config, read_record
+from tvserve.build.options import ArchiveOptions
+from tvserve.build.sources import archive_checkpoint, archive_custom, archive_torchvision
+from tvserve.build.tuning import BATCH_GAIN, BATCH_SIZE, MAX_AUTO_WORKERS
+from tvserve.ops import client
+from tvserve.ops.properties import write_properties
+from tvserve.ops.server import Server
+from tvserve.tools.inprocess import load_handler, predict, probabilities
 
 CPU_BACKENDS = ["eager_channels_last", "torchscript", "onnxruntime", "openvino"]
 EXPORTED = ["torchscript", "onnxruntime", "openvino"]
@@ -42,7 +47,7 @@ def test_backend_serves_like_itself_in_process_and_like_eager(server, model_stor
     name = f"resnet18_{backend}"
     archive = archive_torchvision("resnet18", weights_file=resnet18_weights, options=ArchiveOptions(
         model_name=name, export_path=model_store, backend=backend))
-    meta = read_metadata(archive)
+    meta = read_record(archive).to_dict()
     assert meta["backend"]["name"] == backend
     handler = load_handler(archive, work / "unpacked" / name)
     assert handler.backend == backend
@@ -58,7 +63,7 @@ def test_backend_serves_like_itself_in_process_and_like_eager(server, model_stor
 
 
 def test_auto_keeps_the_fastest_backend_that_passes_parity(model_store):
-    meta = read_metadata(model_store / "resnet18.mar")
+    meta = read_record(model_store / "resnet18.mar").to_dict()
     selection = meta["backend"]["selection"]
     candidates = {c["name"]: c for c in selection["candidates"]}
     assert set(candidates) == {"eager", *CPU_BACKENDS}
@@ -95,7 +100,7 @@ def shape_dependent(work):
 
 def test_auto_falls_back_to_eager_when_exports_differ(shape_dependent, tmp_path):
     archive = archive_custom(**shape_dependent, options=ArchiveOptions(export_path=tmp_path))
-    meta = read_metadata(archive)
+    meta = read_record(archive).to_dict()
     assert meta["backend"]["name"] in EAGER and "file" not in meta["backend"]  # eager, NCHW or NHWC
     errors = {c["name"]: c.get("error", "") for c in meta["backend"]["selection"]["candidates"]}
     assert all("differ from eager" in errors[name] for name in EXPORTED), errors
@@ -123,7 +128,7 @@ def test_auto_workers_and_batching_follow_the_measurements(digits_run, model_sto
     assert archive_config(net)["minWorkers"] == min(os.cpu_count(), MAX_AUTO_WORKERS)
     assert archive_config(model_store / "resnet18.mar")["minWorkers"] == 1  # pinned by the fixture
     for mar in (net, model_store / "resnet18.mar"):
-        backend = read_metadata(mar)["backend"]
+        backend = read_record(mar).to_dict()["backend"]
         chosen = next(c for c in backend["selection"]["candidates"] if c["name"] == backend["name"])
         expected = BATCH_SIZE if chosen["ms_batch_4"] <= BATCH_GAIN * chosen["ms_batch_1"] else 1
         assert archive_config(mar)["batchSize"] == expected
@@ -155,7 +160,7 @@ def test_jpeg_draft_decodes_at_least_twice_the_resize_and_leaves_other_formats_a
 def test_jpeg_draft_archive_is_served_and_its_effect_is_small(server, model_store, resnet18_weights, work):
     archive = archive_torchvision("resnet18", weights_file=resnet18_weights, options=ArchiveOptions(
         model_name="resnet18_draft", export_path=model_store, backend="eager", jpeg_draft=True))
-    assert read_metadata(archive)["preset"]["jpeg_draft"] is True
+    assert read_record(archive).to_dict()["preset"]["jpeg_draft"] is True
     data = big_jpeg()
     exact = load_handler(model_store / "resnet18.mar", work / "unpacked" / "resnet18-exact")
     draft = load_handler(archive, work / "unpacked" / "resnet18-draft")
@@ -170,7 +175,7 @@ def test_jpeg_draft_archive_is_served_and_its_effect_is_small(server, model_stor
 
 
 def test_archive_records_the_backend_file_and_its_hash(model_store):
-    meta = read_metadata(model_store / "resnet18.mar")
+    meta = read_record(model_store / "resnet18.mar").to_dict()
     backend = meta["backend"]
     if backend["name"] == "eager":
         assert "file" not in backend

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, run_tvserve
-from tvserve.server import free_ports_config
+from tvserve.ops.properties import free_ports_config
 
 
 def offline_env(torch_home):

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from corpus import accepted_cases, encode, refused_cases
-from handlers.decoding import open_image
+from handlers.images import open_image
 from helpers import post_image
 
 ACCEPTED = accepted_cases()

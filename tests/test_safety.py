@@ -18,10 +18,11 @@ import requests
 from conftest import PHOTOS
 from helpers import REPO, post_image, run_tvserve
 from test_cli import broken_copy, missing_class
-from tvserve import TvserveError, client
-from tvserve.server import (Server, free_port, free_ports_config, health, model_status, pending_requests,
-                            read_properties,
-                            write_properties)
+from tvserve import TvserveError
+from tvserve.ops import client
+from tvserve.ops.management import model_status, pending_requests
+from tvserve.ops.properties import free_port, free_ports_config, read_properties, write_properties
+from tvserve.ops.server import Server, health
 
 
 def make_server(folder: Path, store: Path, base_config: Path, env: dict = None, **overrides) -> Server:

@@ -13,8 +13,8 @@ from conftest import PHOTOS
 from helpers import post_image, served_probabilities
 from training.data import normalise
 from training.models import build_model
-from tvserve.archive import load_checkpoint
-from tvserve.backends import PARITY_TOLERANCE
+from handlers.tasks.classification import PARITY_TOLERANCE
+from tvserve.build.weights import load_checkpoint
 
 
 def resnet18_in_process(weights_file):

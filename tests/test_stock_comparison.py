@@ -11,8 +11,8 @@ import requests
 import torchvision
 
 from corpus import accepted_cases, refused_cases
-from tvserve.server import Server
-from tvserve.stock import archive_stock_resnet18, stock_config
+from tvserve.ops.server import Server
+from tvserve.tools.stock import archive_stock_resnet18, stock_config
 
 
 @pytest.fixture(scope="module")

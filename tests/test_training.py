@@ -15,9 +15,10 @@ from helpers import post_image, run_tvserve
 from training.data import CIFAR10Files, DatasetError, PRESET, decode_like_the_server, load_dataset, normalise
 from training.models import ARCHITECTURES, build_model
 from training.train import get_args_parser, main as train_main
-from tvserve import client
-from tvserve.archive import ArchiveOptions, archive_checkpoint
-from tvserve.backends import PARITY_TOLERANCE
+from handlers.tasks.classification import PARITY_TOLERANCE
+from tvserve.build.options import ArchiveOptions
+from tvserve.build.sources import archive_checkpoint
+from tvserve.ops import client
 
 
 def test_checkpoint_is_a_plain_dict_loadable_with_weights_only(digits_run):

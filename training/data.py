@@ -20,7 +20,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.datasets import CIFAR10, ImageFolder
 
-from handlers.decoding import RequestError, open_image
+from handlers.errors import RequestError
+from handlers.images import open_image
 from handlers.preprocessing import build_geometry
 from training.models import INPUT_SIZE
 from tvserve import TvserveError

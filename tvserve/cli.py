@@ -16,17 +16,19 @@ import signal
 import sys
 from pathlib import Path
 
-from tvserve import TvserveError, client
+from training.errors import TrainingError
+from tvserve import TvserveError
+from tvserve.ops import client
+from tvserve.ops.properties import DEVELOPMENT_CONFIG, PRODUCTION_CONFIG
 
 log = logging.getLogger("tvserve")
 
 DEFAULT_WORKDIR = Path(".tvserve")  # logs, temp files, API keys and the running server's state
-DEVELOPMENT_CONFIG = Path("config.properties")
-PRODUCTION_CONFIG = Path("config.production.properties")
+DEFAULT_MODEL_STORE = Path("model_store")  # the current folder's
 
 
 def add_archive_options(parser):
-    """Flags left out keep ArchiveOptions' defaults (tvserve/archive.py), the one place they are set."""
+    """Flags left out keep ArchiveOptions' defaults (tvserve/build/options.py), the one place they are set."""
     group = parser.add_argument_group("archive options")
     group.add_argument("--name", dest="model_name", help="model name (default: the model's own)")
     group.add_argument("--version", help="default 1.0")
@@ -40,8 +42,9 @@ def add_archive_options(parser):
     group.add_argument("--response-timeout", type=int, help="s (default 120)")
     group.add_argument("--startup-timeout", type=int, help="s (default 120)")
     group.add_argument("--threads", type=int, help="threads per worker (default: cores / workers)")
-    group.add_argument("--backend", help="eager, torchscript, onnxruntime or openvino (default auto: the fastest "
-                       "here whose probabilities are within 1e-4 of eager)")
+    group.add_argument("--backend", help="a runtime by name: eager, eager_channels_last, torchscript, onnxruntime, "
+                       "openvino (default auto: the fastest here whose answers are within the task's parity "
+                       "tolerance of eager, 1e-4 for probabilities)")
     group.add_argument("--jpeg-draft", action="store_true",
                        help="lossy: decode big JPEGs at a reduced DCT scale (at least twice the resize size)")
 
@@ -51,14 +54,14 @@ ARCHIVE_FLAGS = ("model_name", "version", "export_path", "force", "workers", "ba
 
 
 def archive_options(args):
-    from tvserve.archive import ArchiveOptions
+    from tvserve.build.options import ArchiveOptions
 
     given = {name: getattr(args, name) for name in ARCHIVE_FLAGS if getattr(args, name) not in (None, False)}
     return ArchiveOptions(**given)
 
 
 def cmd_archive_torchvision(args):
-    from tvserve.archive import archive_torchvision
+    from tvserve.build.sources import archive_torchvision
 
     path = archive_torchvision(args.model, weights=args.weights, weights_file=args.weights_file,
                                random_init=args.random_init, options=archive_options(args))
@@ -66,13 +69,13 @@ def cmd_archive_torchvision(args):
 
 
 def cmd_archive_checkpoint(args):
-    from tvserve.archive import archive_checkpoint
+    from tvserve.build.sources import archive_checkpoint
 
     print(archive_checkpoint(args.checkpoint, options=archive_options(args)))
 
 
 def cmd_archive_custom(args):
-    from tvserve.archive import archive_custom
+    from tvserve.build.sources import archive_custom
 
     print(archive_custom(
         model_file=args.model_file, class_name=args.class_name, init_args=args.init_args,
@@ -82,7 +85,7 @@ def cmd_archive_custom(args):
 
 
 def cmd_zoo(args):
-    from tvserve.torchvision_models import zoo
+    from tvserve.build.zoo import zoo
 
     rows = zoo()
     if args.json:
@@ -108,7 +111,7 @@ def cmd_set_default(args):
 
 
 def cmd_health(args):
-    from tvserve.server import health
+    from tvserve.ops.server import health
 
     ready, line = health(args.workdir)
     print(line)
@@ -117,7 +120,7 @@ def cmd_health(args):
 
 
 def cmd_evaluate(args):
-    from tvserve.evaluate import evaluate, format_report
+    from tvserve.tools.evaluate import evaluate, format_report
 
     reports = evaluate(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
                        url=args.url, model=args.model)
@@ -127,7 +130,7 @@ def cmd_evaluate(args):
 
 
 def cmd_bench(args):
-    from tvserve.bench import BenchConfig, run, write
+    from tvserve.tools.bench import BenchConfig, run, write
 
     config = BenchConfig(models=tuple(args.models.split(",")), images=tuple(args.images.split(",")),
                          concurrency=tuple(int(c) for c in args.concurrency.split(",")),
@@ -140,14 +143,14 @@ def cmd_bench(args):
     report = run(config)
     print(write(report, config.out, command.strip()))
     if args.smoke:
-        from tvserve.bench import check_smoke
+        from tvserve.tools.bench import check_smoke
 
         check_smoke(report)
         print("bench smoke: every system answered, no errors")
 
 
 def cmd_soak(args):
-    from tvserve.soak import soak
+    from tvserve.tools.soak import soak
 
     api_keys = keys(args)
     report = soak(args.model, [path.read_bytes() for path in args.images], url=args.url,
@@ -172,13 +175,13 @@ def cmd_train(args):
 
 
 def cmd_prepare(args):
-    from tvserve.defaults import prepare_default_archives
+    from tvserve.build.defaults import prepare_default_archives
 
     prepare_default_archives(model_store=args.model_store, runs=args.runs)
 
 
 def cmd_serve(args):
-    from tvserve.server import Server
+    from tvserve.ops.server import Server
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     config = args.config or (PRODUCTION_CONFIG if args.production else DEVELOPMENT_CONFIG)
@@ -195,12 +198,7 @@ def cmd_serve(args):
         print(f"Ready: {', '.join(models)}")
         print(f"  inference:  {server.inference_url}/predictions/<model>")
         print(f"  management: {server.management_url}/models")
-        token = server.keys().get("inference")
-        auth = f'-H "Authorization: Bearer {token}" ' if token else ""
-        local = server.inference_url.replace("0.0.0.0", "127.0.0.1")
-        print(f"  try: curl {auth}-T some.jpg {local}/predictions/{models[0]}", flush=True)
-        if token:
-            print(f"  token authorization is on: keys in {args.workdir / client.KEY_FILE} (mode 0600)")
+        print_try_line(server, models[0])
         if args.detach:
             detached = True
             print(f"Detached (pid {server.process.pid}); stop it with `tvserve stop --workdir {args.workdir}`.")
@@ -214,8 +212,22 @@ def cmd_serve(args):
             server.stop()
 
 
+def print_try_line(server, model: str) -> None:
+    """How to send a first request. With tokens on, where the key is and how to read it: never the
+    key itself (this goes to logs that operators ship elsewhere)."""
+    local = server.inference_url.replace("0.0.0.0", "127.0.0.1")
+    if not server.keys():
+        print(f"  try: curl -T IMAGE {local}/predictions/{model}", flush=True)
+        return
+    key_file = server.workdir / client.KEY_FILE
+    print(f"  token authorization is on: the API keys are in {key_file} (mode 0600); send the inference key:")
+    print(f"  try: curl -H \"Authorization: Bearer $(python3 -c 'import json; "
+          f"print(json.load(open(\"{key_file}\"))[\"inference\"][\"key\"])')\" -T IMAGE {local}/predictions/{model}",
+          flush=True)
+
+
 def cmd_stop(args):
-    from tvserve.server import stop_recorded
+    from tvserve.ops.server import stop_recorded
 
     if not stop_recorded(args.workdir):
         raise TvserveError(f"No running server recorded in {args.workdir / 'server.json'}.")
@@ -238,14 +250,29 @@ def cmd_predict(args):
 
 
 def cmd_describe(args):
-    from tvserve.archive import read_metadata
+    from tvserve.build.mar import read_record
 
     target = Path(args.target)
     if target.suffix == ".mar" or target.exists():
-        print(json.dumps(read_metadata(target), indent=2))
+        print(read_record(target).to_json())
         return
     print(json.dumps(client.describe_model(args.target, management_url=args.management_url,
                                            token=keys(args).get("management")), indent=2))
+
+
+def shared_flags() -> tuple:
+    """Parent parsers for the flags several commands share, each declared once."""
+    server_files = argparse.ArgumentParser(add_help=False)
+    server_files.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
+                              help=f"the server's working directory: logs, state, API keys (default {DEFAULT_WORKDIR})")
+    inference_api = argparse.ArgumentParser(add_help=False)
+    inference_api.add_argument("--url", default=client.DEFAULT_URL, help="the inference API")
+    management_api = argparse.ArgumentParser(add_help=False)
+    management_api.add_argument("--management-url", default=client.DEFAULT_MANAGEMENT_URL, help="the management API")
+    model_store = argparse.ArgumentParser(add_help=False)
+    model_store.add_argument("--model-store", type=Path, default=DEFAULT_MODEL_STORE,
+                             help="the folder of .mar archives (default: model_store/ in the current folder)")
+    return server_files, inference_api, management_api, model_store
 
 
 def get_parser(with_training: bool = True):
@@ -255,6 +282,7 @@ def get_parser(with_training: bool = True):
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     commands = parser.add_subparsers(dest="command", required=True)
+    server_files, inference_api, management_api, model_store = shared_flags()
 
     if with_training:
         from training.train import get_args_parser
@@ -295,18 +323,14 @@ def get_parser(with_training: bool = True):
     zoo.add_argument("--json", action="store_true")
     zoo.set_defaults(func=cmd_zoo)
 
-    register = commands.add_parser("register", help="load an archive of the model store into a running server")
+    register = commands.add_parser("register", parents=[management_api, server_files], help="load an archive of the model store into a running server")
     register.add_argument("archive", help="file name in the server's model store, e.g. digits_net-2.0.mar")
     register.add_argument("--workers", type=int, default=1)
-    register.add_argument("--management-url", default=client.DEFAULT_MANAGEMENT_URL)
-    register.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where the server keeps its API keys")
     register.set_defaults(func=cmd_register)
 
-    set_default = commands.add_parser("set-default", help="make a served version the default")
+    set_default = commands.add_parser("set-default", parents=[management_api, server_files], help="make a served version the default")
     set_default.add_argument("model")
     set_default.add_argument("model_version")
-    set_default.add_argument("--management-url", default=client.DEFAULT_MANAGEMENT_URL)
-    set_default.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where the server keeps its API keys")
     set_default.set_defaults(func=cmd_set_default)
 
     evaluate = commands.add_parser("evaluate", help="accuracy and confusion matrix of a checkpoint, "
@@ -319,15 +343,12 @@ def get_parser(with_training: bool = True):
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    soak = commands.add_parser("soak", help="steady load for a set time; reports errors and worker RSS")
+    soak = commands.add_parser("soak", parents=[inference_api, management_api, server_files], help="steady load for a set time; reports errors and worker RSS")
     soak.add_argument("model")
     soak.add_argument("images", nargs="+", type=Path)
     soak.add_argument("--duration", type=float, default=600, help="s (default 10 minutes)")
     soak.add_argument("--concurrency", type=int, default=4)
     soak.add_argument("--max-rss-growth", type=float, default=0.10, help="fail above this fraction")
-    soak.add_argument("--url", default=client.DEFAULT_URL)
-    soak.add_argument("--management-url", default=client.DEFAULT_MANAGEMENT_URL)
-    soak.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where the server keeps its API keys")
     soak.set_defaults(func=cmd_soak)
 
     bench = commands.add_parser("bench", help="in-process vs tvserve vs stock TorchServe, side by side (needs wrk)")
@@ -343,43 +364,34 @@ def get_parser(with_training: bool = True):
     bench.add_argument("--smoke", action="store_true", help="a seconds-long run of the book's Net that checks the harness")
     bench.set_defaults(func=cmd_bench)
 
-    prepare = commands.add_parser("prepare", help="build the default archives that are missing")
-    prepare.add_argument("--model-store", type=Path, default=Path("model_store"))
+    prepare = commands.add_parser("prepare", parents=[model_store], help="build the default archives that are missing")
     prepare.add_argument("--runs", type=Path, default=Path("runs"))
     prepare.set_defaults(func=cmd_prepare)
 
-    serve = commands.add_parser("serve", help="run TorchServe until Ctrl-C, once every model is READY")
-    serve.add_argument("--model-store", type=Path, default=Path("model_store"))
+    serve = commands.add_parser("serve", parents=[model_store, server_files], help="run TorchServe until Ctrl-C, once every model is READY")
     serve.add_argument("--config", type=Path, help=f"default: {DEVELOPMENT_CONFIG}, or {PRODUCTION_CONFIG}")
     serve.add_argument("--production", action="store_true",
                        help="token auth, management on loopback, no registration API (the container's)")
-    serve.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     serve.add_argument("--models", default="all", help="all, or NAME.mar[,NAME.mar...]")
     serve.add_argument("--timeout", type=float, help="s to wait for READY (default: archives' startupTimeout)")
     serve.add_argument("--detach", action="store_true", help="return once ready, leaving the server running")
     serve.set_defaults(func=cmd_serve)
 
-    health = commands.add_parser("health", help="exit 0 only when every model's workers are READY")
-    health.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    health = commands.add_parser("health", parents=[server_files], help="exit 0 only when every model's workers are READY")
     health.set_defaults(func=cmd_health)
 
-    stop = commands.add_parser("stop", help="stop a server started with --detach")
-    stop.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    stop = commands.add_parser("stop", parents=[server_files], help="stop a server started with --detach")
     stop.set_defaults(func=cmd_stop)
 
-    predict = commands.add_parser("predict", help="top-k predictions for image files")
+    predict = commands.add_parser("predict", parents=[inference_api, server_files], help="top-k predictions for image files")
     predict.add_argument("model")
     predict.add_argument("images", nargs="+", type=Path)
-    predict.add_argument("--url", default=client.DEFAULT_URL)
     predict.add_argument("--topk", type=int)
     predict.add_argument("--model-version")
-    predict.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where the server keeps its API keys")
     predict.set_defaults(func=cmd_predict)
 
-    describe = commands.add_parser("describe", help="metadata of a .mar file or of a served model")
+    describe = commands.add_parser("describe", parents=[management_api, server_files], help="metadata of a .mar file or of a served model")
     describe.add_argument("target", help="path to a .mar, or a served model's name")
-    describe.add_argument("--management-url", default=client.DEFAULT_MANAGEMENT_URL)
-    describe.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where the server keeps its API keys")
     describe.set_defaults(func=cmd_describe)
     return parser
 
@@ -390,7 +402,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         args.func(args)
-    except TvserveError as err:  # DatasetError too
+    except (TvserveError, TrainingError) as err:  # mistakes the user can fix: one line
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -9,8 +9,9 @@ import torchvision.transforms.functional as TF
 
 from training.data import load_dataset, normalise
 from training.models import build_model
-from tvserve import TvserveError, client
-from tvserve.archive import load_checkpoint
+from tvserve import TvserveError
+from tvserve.build.weights import load_checkpoint
+from tvserve.ops import client
 
 
 def validation_split(checkpoint: dict, dataset: str = None, data_dir=None):

@@ -4,7 +4,8 @@ import logging
 from pathlib import Path
 
 from tvserve import TvserveError
-from tvserve.archive import ArchiveOptions, archive_checkpoint, archive_torchvision
+from tvserve.build.options import ArchiveOptions
+from tvserve.build.sources import archive_checkpoint, archive_torchvision
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import yaml
 
-from handlers.image_classifier import ImageClassifier
+from handlers.tvserve_handler import TvserveHandler
 
 
-def load_handler(mar: Path, folder: Path, *, threads: int = None, gpu_id: int = None) -> ImageClassifier:
+def load_handler(mar: Path, folder: Path, *, threads: int = None, gpu_id: int = None) -> TvserveHandler:
     """The handler initialised from `mar` unpacked into `folder`, as a worker initialises it.
     `threads` overrides the archive's thread budget (as TVSERVE_THREADS does for a worker)."""
     folder = Path(folder)
@@ -25,18 +25,18 @@ def load_handler(mar: Path, folder: Path, *, threads: int = None, gpu_id: int = 
     context = types.SimpleNamespace(
         system_properties={"model_dir": str(folder), "gpu_id": gpu_id}, model_yaml_config=config,
     )
-    handler = ImageClassifier()
+    handler = TvserveHandler()
     handler.initialize(context)
     return handler
 
 
-def probabilities(handler: ImageClassifier, image: bytes):
+def probabilities(handler: TvserveHandler, image: bytes):
     """Every class's probability for one image (decode, preprocess, forward), as served."""
     tensor, _ = handler.preprocess({"body": image}, {})
     return handler.inference(tensor.unsqueeze(0))[0]
 
 
-def predict(handler: ImageClassifier, image: bytes) -> list:
+def predict(handler: TvserveHandler, image: bytes) -> list:
     """The full pipeline for one image: decode, preprocess, forward, top-k, as served."""
-    tensor, topk = handler.preprocess({"body": image}, {})
-    return handler.postprocess(handler.inference(tensor.unsqueeze(0))[0], topk)
+    tensor, options = handler.preprocess({"body": image}, {})
+    return handler.postprocess(handler.inference(tensor.unsqueeze(0))[0], options)

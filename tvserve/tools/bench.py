@@ -18,27 +18,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import sklearn.datasets
 import torch
 import torchvision
 from PIL import Image
 
 from tvserve import TvserveError
-from tvserve.archive import ArchiveOptions, archive_checkpoint, archive_torchvision, load_checkpoint
-from tvserve import client
-from tvserve.inprocess import load_handler, predict, probabilities
-from tvserve.loadgen import run_wrk, wrk_path
-from tvserve.server import Server, archive_config, free_ports_config
-from tvserve.stock import archive_stock_book_model, archive_stock_resnet18, stock_config
-from tvserve import torchvision_models as tvm
+from tvserve.build import zoo
+from tvserve.build.mar import read_model_config
+from tvserve.build.options import ArchiveOptions
+from tvserve.build.sources import archive_checkpoint, archive_torchvision
+from tvserve.build.tuning import cpu_name
+from tvserve.build.weights import load_checkpoint
+from tvserve.ops import client
+from tvserve.ops.properties import DEVELOPMENT_CONFIG, free_ports_config
+from tvserve.ops.server import Server
+from tvserve.tools.inprocess import load_handler, predict, probabilities
+from tvserve.tools.loadgen import run_wrk, wrk_path
+from tvserve.tools.photos import PHOTOS
+from tvserve.tools.stock import archive_stock_book_model, archive_stock_resnet18, stock_config
 
 log = logging.getLogger(__name__)
 
-PHOTOS = sorted((Path(sklearn.datasets.__file__).parent / "images").glob("*.jpg"))  # two real 640x427 photos
 IMAGE_SIZES = {"0.1MP": (387, 258), "0.5MP": (866, 577), "12MP": (4243, 2828)}
 BOOK_MODEL = "net"
 GPU_ID = 0 if torch.cuda.is_available() else None  # in-process rows run where a worker would
-DEVELOPMENT_CONFIG = Path(__file__).resolve().parents[1] / "config.properties"  # tvserve's own settings
 
 
 @dataclass
@@ -148,7 +151,7 @@ def build_archives(model: str, config: BenchConfig) -> tuple:
     stores = [base / "tvserve", base / "tvserve-draft"]
     if model == BOOK_MODEL:
         if not config.checkpoint.exists():
-            from tvserve.defaults import train_digits
+            from tvserve.build.defaults import train_digits
             train_digits(config.checkpoint.parent)
         checkpoint = load_checkpoint(config.checkpoint)
         for store, draft in zip(stores, (False, True)):
@@ -156,9 +159,9 @@ def build_archives(model: str, config: BenchConfig) -> tuple:
                 model_name=model, export_path=store, force=True, jpeg_draft=draft))
         stock = archive_stock_book_model(base / "stock", checkpoint, model)
         return (*stores, stock)
-    enum = tvm.get_weights(model, "DEFAULT")
+    enum = zoo.get_weights(model, "DEFAULT")
     try:
-        weights, _ = tvm.find_weights_file(model, enum, None)
+        weights, _ = zoo.find_weights_file(model, enum, None)
     except TvserveError as err:
         config.notes.append(f"{model}: RANDOM weights (timing only; the pretrained ones could not be had: {err})")
         weights = base / "random.pth"
@@ -176,7 +179,7 @@ def bench_model(model: str, images: dict, config: BenchConfig) -> dict:
     tvserve_store, draft_store, stock_store = build_archives(model, config)
     mar = tvserve_store / f"{model}.mar"
     handler = load_handler(mar, config.work / "unpacked" / model, gpu_id=GPU_ID)
-    rows = in_process_rows(model, handler, int(archive_config(mar).get("batchSize", 1)), images, config)
+    rows = in_process_rows(model, handler, int(read_model_config(mar).get("batchSize", 1)), images, config)
     effect = lossy_effect(handler, draft_store / f"{model}.mar", images, config.work / "unpacked" / model)
     base = config.work / model
     servers = [
@@ -190,12 +193,11 @@ def bench_model(model: str, images: dict, config: BenchConfig) -> dict:
         workdir = base / "servers" / "".join(c if c.isalnum() else "-" for c in system)
         with Server(model_store=store, config=properties, workdir=workdir) as server:
             rows += http_rows(system, model, server, images, config)
-    return {"rows": rows, "lossy": effect, "backend": handler.meta["backend"]}
+    return {"rows": rows, "lossy": effect, "backend": handler.record.backend.to_dict()}
 
 
 def machine() -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    from tvserve.backends import cpu_name
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 

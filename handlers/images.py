@@ -1,110 +1,22 @@
-"""Turns one TorchServe request into an RGB PIL image and its options, or a client error.
+"""Image bytes from an untrusted client -> an upright RGB PIL image, or a RequestError (4xx).
 
-Accepted bodies: raw image bytes (any or no Content-Type; the format is read from the bytes),
-a multipart/form-data file field, or JSON {"data": "<base64>"} (strict base64).
 Accepted formats: JPEG, PNG, WebP, BMP, GIF (first frame), TIFF. Alpha is composited on white.
 """
 
-import base64
-import binascii
 import io
-import json
 import logging
 import math
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from handlers.errors import RequestError
+
 log = logging.getLogger(__name__)
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 MAX_PIXELS = 50_000_000  # a 50 MP photo decodes; a bigger header is refused before decoding
 BACKGROUND = (255, 255, 255)  # where alpha is composited
-OPTION_NAMES = ("topk",)  # query parameters or form fields; every other field may carry the image
-TOPK_HEADER = "x-topk"
-IMAGE_FIELDS = ("body", "data", "file", "image")  # preferred fields, in order
-
-
-class RequestError(Exception):
-    """A client mistake: answered with `status` and a JSON body {"code", "type", "message"}."""
-
-    def __init__(self, status: int, type_: str, message: str):
-        super().__init__(message)
-        self.status, self.type, self.message = status, type_, message
-
-    def body(self) -> dict:
-        return {"code": self.status, "type": self.type, "message": self.message}
-
-
-def as_text(value) -> str:
-    """A request field that should be text (bytes when TorchServe does not decode inputs)."""
-    if isinstance(value, (bytes, bytearray)):
-        try:
-            return bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            raise RequestError(400, "InvalidParameter", "Parameters must be UTF-8 text.") from None
-    return str(value)
-
-
-def parse_topk(text, n_classes: int, default: int) -> int:
-    """`topk` as sent (None when absent): a whole number from 1 to n_classes."""
-    if text is None:
-        return min(default, n_classes)
-    text = as_text(text).strip()
-    if not text.isdigit() or not 1 <= int(text) <= n_classes:
-        raise RequestError(
-            400, "InvalidParameter", f"topk must be a whole number from 1 to {n_classes}, got {text!r}."
-        )
-    return int(text)
-
-
-def header(headers: dict, name: str):
-    """A request header's value, whatever the case the client sent its name in."""
-    return next((value for key, value in headers.items() if key.lower() == name), None)
-
-
-def parse_request(request: dict, headers: dict) -> tuple:
-    """Returns (image bytes, topk text or None) from one request.
-
-    The image comes from the raw body, a multipart file field, or JSON {"data": "<base64>"}.
-    `topk` comes from a form field or query parameter, the JSON body, or the X-TopK header.
-    (TorchServe 0.12 drops the query string of /predictions/NAME; /NAME/predict keeps it.)
-    """
-    topk = request.get("topk", header(headers, TOPK_HEADER))
-    fields = [name for name in request if name not in OPTION_NAMES]
-    if not fields:
-        raise RequestError(
-            400, "EmptyBody",
-            'The request carries no image: send image bytes as the body, a multipart file field, '
-            'or JSON {"data": "<base64>"}.',
-        )
-    value = request[next((field for field in IMAGE_FIELDS if field in fields), fields[0])]
-    if isinstance(value, str):
-        value = value.encode("utf-8")
-    if isinstance(value, (bytes, bytearray)) and value.lstrip()[:1] != b"{":
-        return bytes(value), topk
-    payload = json_payload(bytes(value)) if isinstance(value, (bytes, bytearray)) else value
-    if not isinstance(payload, dict):
-        raise RequestError(400, "InvalidBody", 'A JSON body must be an object: {"data": "<base64 image>"}.')
-    return base64_payload(payload), payload.get("topk", topk)
-
-
-def json_payload(raw: bytes) -> dict:
-    try:
-        payload = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RequestError(400, "InvalidJSON", f"The body is not valid JSON: {err}.") from None
-    return payload
-
-
-def base64_payload(payload: dict) -> bytes:
-    data = payload.get("data")
-    if not isinstance(data, str):
-        raise RequestError(400, "InvalidBody", 'A JSON body needs "data": a base64 string of the image.')
-    try:
-        return base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise RequestError(400, "InvalidBase64", f'"data" is not valid base64: {err}.') from None
 
 
 def open_image(data: bytes, max_pixels: int = MAX_PIXELS, draft_min_side: int = None) -> Image.Image:

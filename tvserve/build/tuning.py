@@ -1,10 +1,11 @@
-"""Choosing an archive's backend when it is built: export, check parity, time, keep the fastest.
+"""Tuning an archive for the machine that builds it: its backend, workers and batch size.
 
-Each candidate (eager with channels_last, frozen TorchScript, ONNX Runtime, OpenVINO) is exported
-from the eager model (or, for channels_last, the same model stored NHWC),
-loaded with the worker's own code (handlers/backends.py) and the worker's thread count, and
- - checked: its softmax probabilities on random images, batches of 1 and 3, within
-   PARITY_TOLERANCE of eager's; a candidate that fails to export or differs more is dropped;
+Each runtime of handlers/runtimes.py (eager with channels_last, frozen TorchScript, ONNX Runtime,
+OpenVINO) is exported from the eager model (or, for channels_last, the same model stored NHWC),
+loaded with the worker's own code and the worker's thread count, and
+ - checked: the task's answers on random images, batches of 1 and 3, within the task's
+   PARITY_TOLERANCE of eager's (classification: softmax probabilities within 1e-4); a candidate
+   that fails to export or differs more is dropped;
  - timed: the median forward after a warm-up, per image, at batch 1 and at the served batch size.
 `auto` keeps the fastest that passed (eager always passes). The report goes into tvserve.json.
 The same timings decide what an archive leaves to the machine: its workers (choose_workers) and
@@ -17,21 +18,19 @@ import logging
 import os
 import statistics
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from handlers.backends import BACKENDS, EAGER, EXPORT_FILES, load_runner, set_threads
-from handlers.decoding import open_image
-from handlers.preprocessing import build_transform
+from handlers.devices import PilPreprocessing
+from handlers.record import Preset
+from handlers.runtimes import BACKENDS, RUNTIMES, export, load_runner, set_threads
 from tvserve import TvserveError
 
 log = logging.getLogger(__name__)
 
-PARITY_TOLERANCE = 1e-4  # largest allowed |p_backend - p_eager| of any softmax probability
 PARITY_BATCHES = (1, 3)
 TIME_BUDGET_S = 1.0  # per candidate and batch size, after the warm-up
 WARMUP_RUNS = 3
@@ -39,22 +38,6 @@ MAX_RUNS = 60
 TIMED_BATCH = 4  # the largest batch timed: bigger ones cost archive time for little news
 RUNS_PER_TURN = 3
 TURN_PAUSE_S = 0.02
-
-
-def export(model: torch.nn.Module, name: str, crop: int, folder: Path) -> Path:
-    """Writes backend `name`'s file for `model` (eval mode, CPU) into `folder`; returns its path."""
-    path = Path(folder) / EXPORT_FILES[name]
-    example = torch.randn(1, 3, crop, crop)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.jit's and the TorchScript-based ONNX exporter's deprecation notices
-        if name == "torchscript":
-            with torch.no_grad():
-                torch.jit.save(torch.jit.trace(model, example), str(path))  # frozen when loaded
-        elif not path.exists():  # ONNX Runtime and OpenVINO read the same ONNX file
-            torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17,
-                              input_names=["image"], output_names=["logits"],
-                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
-    return path
 
 
 def median_ms(runners: dict, batch: torch.Tensor) -> dict:
@@ -78,29 +61,28 @@ def median_ms(runners: dict, batch: torch.Tensor) -> dict:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def parity_gap(runner, reference, inputs) -> float:
-    """Largest |probability difference| between `runner` and eager `reference` over `inputs`."""
-    return max((torch.softmax(runner(x), 1) - torch.softmax(reference(x), 1)).abs().max().item()
-               for x in inputs)
+def parity_gap(task, runner, reference, inputs) -> float:
+    """The task's largest answer difference between `runner` and eager `reference` over `inputs`."""
+    return max(task.parity_gap(runner(x), reference(x)) for x in inputs)
 
 
-def try_candidate(name, model, eager, inputs, crop, threads, folder) -> tuple:
+def try_candidate(name, task, model, eager, inputs, crop, threads, folder) -> tuple:
     """(report, runner) for one backend: report {"name", "parity", "file"?}, or
     {"name", "error"} and no runner when it fails to export, load or match eager."""
     try:
-        path = None if name in EAGER else export(model, name, crop, folder)
+        path = RUNTIMES[name].file and export(name, model, crop, folder)
         own = copy.deepcopy(model) if name == "eager_channels_last" else None  # .to() converts in place
         runner = eager if name == "eager" else load_runner(name, model=own, path=path, threads=threads)
         with torch.inference_mode():
-            gap = parity_gap(runner, eager, inputs)
+            gap = parity_gap(task, runner, eager, inputs)
     except Exception as err:  # noqa: BLE001 - an exporter or runtime that cannot take this model
         return {"name": name, "error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"}, None
-    if gap > PARITY_TOLERANCE:
-        return {"name": name, "error": f"probabilities differ from eager by {gap:.2e}"}, None
+    if gap > task.PARITY_TOLERANCE:
+        return {"name": name, "error": f"{task.parity_what} differ from eager by {gap:.2e}"}, None
     return {"name": name, "parity": gap, **({"file": str(path)} if path else {})}, runner
 
 
-def select_backend(model: torch.nn.Module, crop: int, threads: int, wanted: str, folder: Path,
+def select_backend(model: torch.nn.Module, task, crop: int, threads: int, wanted: str, folder: Path,
                    batch: int = 1) -> dict:
     """Tries `wanted` (or every backend for "auto") on `model` and returns
     {"name", "file" (None for eager), "selection": {"threads", "candidates": [...]}}.
@@ -116,7 +98,7 @@ def select_backend(model: torch.nn.Module, crop: int, threads: int, wanted: str,
         inputs = [torch.randn(n, 3, crop, crop) for n in PARITY_BATCHES]
         eager = load_runner("eager", model=model.eval())
         names = BACKENDS if wanted == "auto" else ("eager", wanted)
-        tried = [try_candidate(name, model, eager, inputs, crop, threads, folder) for name in dict.fromkeys(names)]
+        tried = [try_candidate(name, task, model, eager, inputs, crop, threads, folder) for name in dict.fromkeys(names)]
         runners = {report["name"]: runner for report, runner in tried if runner}
         batched = torch.randn(min(batch, TIMED_BATCH), 3, crop, crop)
         with torch.inference_mode():
@@ -176,21 +158,21 @@ def sample_jpeg(width: int = 866, height: int = 577) -> bytes:
     return buffer.getvalue()
 
 
-def choose_workers(model: torch.nn.Module, preset: dict) -> int:
+def choose_workers(model: torch.nn.Module, preset: Preset) -> int:
     """One worker per core (at most MAX_AUTO_WORKERS, one thread each) when preprocessing a 0.5 MP
     photo takes longer than the model's forward on one thread: decoding is then the work, and a
     worker decodes on one core only. Else one worker with every core's threads."""
     cores = os.cpu_count() or 1
     if cores == 1:
         return 1
-    data, transform = sample_jpeg(), build_transform(preset)
+    data, preprocess = sample_jpeg(), PilPreprocessing(preset)
     previous = torch.get_num_threads()
     set_threads(1)
     try:
         eager = load_runner("eager", model=model)
-        image = torch.randn(1, 3, preset["crop"], preset["crop"])
+        image = torch.randn(1, 3, preset.crop, preset.crop)
         with torch.inference_mode():
-            timings = median_ms({"forward": eager, "preprocess": lambda _: transform(open_image(data))}, image)
+            timings = median_ms({"forward": eager, "preprocess": lambda _: preprocess(data)}, image)
     finally:
         torch.set_num_threads(previous)
     workers = min(cores, MAX_AUTO_WORKERS) if timings["forward"] < timings["preprocess"] else 1

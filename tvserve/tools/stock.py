@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tvserve.server import free_ports_config, write_properties
+from tvserve.ops.properties import free_ports_config, write_properties
 
 RESNET18_MODEL_FILE = '''
 from torchvision.models.resnet import BasicBlock, ResNet

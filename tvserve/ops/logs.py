@@ -1,5 +1,7 @@
-"""tvserve's logging for TorchServe's frontend (log4j2), used when a config sets
-`tvserve_lean_logs=true`.
+"""TorchServe's logs: tvserve's logging configuration for its frontend, and reading what the
+workers wrote (a model that does not come up is explained from its worker's log).
+
+The log4j2 configuration is used when a config sets `tvserve_lean_logs=true`.
 
 TorchServe's own configuration logs every request about a dozen times at DEBUG and INFO, each
 line twice (its loggers add to the root logger's console and ts_log appenders): on 2 cores the
@@ -9,6 +11,12 @@ ts_metrics.log and model_metrics.log, the workers' output in model_log.log, and 
 own messages from INFO up in ts_log.log, less the per-request ones of its batch aggregator and
 jobs; warnings and errors also go to the console (console.log).
 """
+
+import re
+from pathlib import Path
+
+ERROR_LINE = re.compile(r"\b\w*(Error|Exception)\b: .+")
+WRAPPER_ERROR = re.compile(r"RuntimeError: \d{3} - ")  # TorchServe's re-raise of the real error
 
 ROLLING_FILE = """
     <RollingFile name="{name}" fileName="${{env:{folder}:-logs}}/{name}.log"
@@ -45,3 +53,31 @@ def log4j2_xml() -> str:
   </Loggers>
 </Configuration>
 """
+
+
+def worker_lines(log_dir: Path, model: str) -> list:
+    """What `model`'s workers printed, from TorchServe's model log (messages only)."""
+    path = Path(log_dir) / "model_log.log"
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    return [line.split(" - ", 1)[-1] for line in lines if f"-{model}_" in line]
+
+
+def failed_loads(log_dir: Path, model: str) -> int:
+    """How many of `model`'s workers have died so far."""
+    return sum("Backend worker process died" in line for line in worker_lines(log_dir, model))
+
+
+def worker_error(log_dir: Path, model: str) -> str:
+    """The last error a model's worker logged, with the lines that led to it."""
+    mine = worker_lines(log_dir, model)
+    errors = [i for i, line in enumerate(mine) if ERROR_LINE.search(line) and not WRAPPER_ERROR.search(line)]
+    if not errors:
+        return f"{model}: no worker error in the logs; see {log_dir}."
+    last = errors[-1]
+    context = "\n".join(f"    {line}" for line in mine[max(0, last - 8):last + 1])
+    return f"{model}: worker error: {ERROR_LINE.search(mine[last]).group(0)}\n{context}"
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    path = Path(path)
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""

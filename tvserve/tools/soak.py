@@ -8,8 +8,8 @@ import time
 import psutil
 import requests
 
-from tvserve.client import bearer
-from tvserve.server import model_versions
+from tvserve.ops.client import bearer
+from tvserve.ops.management import model_versions
 
 WARM_UP_REQUESTS = 50  # before the first RSS reading: allocator pools reach their steady size
 

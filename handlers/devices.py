@@ -1,0 +1,35 @@
+"""Where the work runs: the model on the worker's device (a GPU TorchServe assigned, else the CPU),
+and decoding and preprocessing apart from it.
+
+A preprocessor turns one request's image bytes into the model's input, Tensor[3, crop, crop]
+float32, or raises a RequestError. Today's is PIL on the CPU (exact: equal to the weights' own
+`transforms()`); a GPU one (nvJPEG batch decode, resize on the device) is one new class registered
+in PREPROCESSORS and chosen by the record.
+"""
+
+import torch
+
+from handlers.images import open_image
+from handlers.preprocessing import build_transform
+from handlers.record import Preset
+
+
+def model_device(gpu_id) -> str:
+    """cuda:N when TorchServe gave this worker GPU `gpu_id` and torch sees one, else cpu."""
+    return f"cuda:{gpu_id}" if gpu_id is not None and torch.cuda.is_available() else "cpu"
+
+
+class PilPreprocessing:
+    """Decode with PIL (EXIF upright, RGB), then the preset's Compose, on this process's CPU."""
+
+    name = "pil"
+
+    def __init__(self, preset: Preset):
+        self.transform = build_transform(preset.to_dict())
+        self.draft_min_side = 2 * preset.resize if preset.jpeg_draft else None  # lossy, opt-in
+
+    def __call__(self, data: bytes) -> torch.Tensor:
+        return self.transform(open_image(data, draft_min_side=self.draft_min_side))
+
+
+PREPROCESSORS = {PilPreprocessing.name: PilPreprocessing}

@@ -1,0 +1,195 @@
+"""The archive's record, `tvserve.json`: what the model is, how its inputs are prepared, its labels,
+its weights and its runtime. The archiver writes it (tvserve/build/) and the worker reads it
+(handlers/tvserve_handler.py), both through this module, so the two cannot drift.
+
+    {"format": 2, "name": "resnet18", "version": "1.0", "task": "classification", "source": "torchvision",
+     "model": {"builder": "torchvision", "name": "resnet18", "kwargs": {"num_classes": 1000}},
+     "preset": {"resize": 256, "crop": 224, "interpolation": "bilinear", "mean": [...], "std": [...]},
+     "labels": [...], "weights": {"file": "weights.pt", "sha256": "...", "origin": "file", ...},
+     "backend": {"name": "onnxruntime", "file": "model.onnx", "sha256": "...", "selection": {...}},
+     "versions": {...}, "created": "...", "extra": {...}}
+
+Archives written before the record had a version (format 1: no "format" key, always
+classification) are read as they are; an archive of a newer format than this code is refused with
+a message saying so.
+"""
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+METADATA_FILE = "tvserve.json"
+FORMAT = 2  # 2: "format" and "task" recorded; 1: the unversioned records of tvserve before them
+DEFAULT_TASK = "classification"
+
+
+class RecordError(ValueError):
+    """An archive record this code cannot use; the message says why and what to do."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class ModelSpec:
+    """How to build the untrained module: torchvision's builder by `name`, or `cls` from the
+    Python `file` shipped in the archive; `kwargs` are the constructor's keyword arguments."""
+
+    builder: str  # "torchvision" or "python"
+    name: str = None
+    file: str = None
+    cls: str = None  # "class" in JSON
+    kwargs: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = {"builder": self.builder, "name": self.name, "file": self.file, "class": self.cls, "kwargs": self.kwargs}
+        return {key: value for key, value in out.items() if value is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelSpec":
+        return cls(builder=data["builder"], name=data.get("name"), file=data.get("file"), cls=data.get("class"),
+                   kwargs=dict(data.get("kwargs") or {}))
+
+
+@dataclass
+class Preset:
+    """Resize (shorter side, px), center crop (px), interpolation, and per-channel mean/std in
+    [0, 1] units: what torchvision's ImageClassification preset holds. `jpeg_draft` (lossy, opt-in):
+    JPEGs decode at a reduced DCT scale of at least twice `resize`."""
+
+    resize: int
+    crop: int
+    interpolation: str = "bilinear"
+    mean: list = None
+    std: list = None
+    jpeg_draft: bool = False
+
+    def to_dict(self) -> dict:
+        out = {"resize": self.resize, "crop": self.crop, "interpolation": self.interpolation,
+               "mean": self.mean, "std": self.std}
+        return {**out, "jpeg_draft": True} if self.jpeg_draft else out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Preset":
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+@dataclass
+class FileEntry:
+    """A file inside the archive and its sha256, checked before the worker loads it."""
+
+    file: str = None
+    sha256: str = None
+
+    def verified(self, model_dir: Path) -> Path:
+        """The file's path in the unpacked archive `model_dir`, after checking its sha256."""
+        path = Path(model_dir) / self.file
+        actual = sha256_of(path)
+        if actual != self.sha256:
+            raise RecordError(
+                f"Tampered archive: {self.file} has sha256 {actual}, but the archive's {METADATA_FILE} "
+                f"records {self.sha256}. Rebuild the archive with `tvserve archive`."
+            )
+        return path
+
+
+@dataclass
+class Weights(FileEntry):
+    """The state_dict file; `origin` says where it came from (file, torch-hub-cache, download,
+    checkpoint, random-init)."""
+
+    origin: str = None
+    source_file: str = None
+    random_init: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Weights":
+        return cls(**{f.name: data.get(f.name) for f in fields(cls) if f.name in data})
+
+
+@dataclass
+class Backend(FileEntry):
+    """The runtime the worker runs the model with (handlers/runtimes.py), its exported file (none
+    for eager) and the measurements it was chosen on (tvserve/build/tuning.py)."""
+
+    name: str = "eager"
+    selection: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = {"name": self.name, "file": self.file, "sha256": self.sha256, "selection": self.selection}
+        return {key: value for key, value in out.items() if value is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Backend":
+        return cls(name=data["name"], file=data.get("file"), sha256=data.get("sha256"),
+                   selection=dict(data.get("selection") or {}))
+
+
+@dataclass
+class Record:
+    """Everything an archive records about its model (see the module docstring for the JSON)."""
+
+    name: str
+    source: str  # torchvision, checkpoint or custom
+    model: ModelSpec
+    preset: Preset
+    labels: list
+    task: str = DEFAULT_TASK
+    weights: Weights = None
+    backend: Backend = None
+    version: str = None
+    versions: dict = None  # library versions at archive time
+    created: str = None
+    extra: dict = field(default_factory=dict)
+    format: int = FORMAT
+
+    def to_dict(self) -> dict:
+        out = {
+            "format": self.format, "name": self.name, "version": self.version, "task": self.task,
+            "source": self.source, "model": self.model.to_dict(), "preset": self.preset.to_dict(),
+            "labels": list(self.labels), "weights": self.weights and self.weights.to_dict(),
+            "backend": self.backend and self.backend.to_dict(), "versions": self.versions,
+            "created": self.created, "extra": self.extra,
+        }
+        return {key: value for key, value in out.items() if value is not None}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Record":
+        fmt = int(data.get("format", 1))
+        if fmt > FORMAT:
+            raise RecordError(f"This archive's record is format {fmt}; this tvserve reads formats up to {FORMAT}. "
+                              "Upgrade tvserve, or rebuild the archive with this version.")
+        try:
+            return cls(
+                name=data["name"], source=data["source"], model=ModelSpec.from_dict(data["model"]),
+                preset=Preset.from_dict(data["preset"]), labels=list(data["labels"]),
+                task=data.get("task", DEFAULT_TASK),
+                weights=Weights.from_dict(data["weights"]) if data.get("weights") else None,
+                backend=Backend.from_dict(data["backend"]) if data.get("backend") else None,
+                version=data.get("version"), versions=data.get("versions"), created=data.get("created"),
+                extra=dict(data.get("extra") or {}), format=fmt,
+            )
+        except (KeyError, TypeError) as err:
+            raise RecordError(f"The archive's {METADATA_FILE} is incomplete or malformed ({type(err).__name__}: "
+                              f"{err}). Rebuild the archive with `tvserve archive`.") from None
+
+    @classmethod
+    def from_json(cls, text) -> "Record":
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def read(cls, model_dir: Path) -> "Record":
+        """The record of an unpacked archive (a worker's model_dir)."""
+        return cls.from_json((Path(model_dir) / METADATA_FILE).read_text())

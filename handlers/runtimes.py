@@ -1,0 +1,147 @@
+"""Runtimes the worker can run a model with, one registry entry each: eager PyTorch (NCHW or
+channels_last), frozen TorchScript, ONNX Runtime and OpenVINO.
+
+An entry names its exported file (none for eager), how to export it from the eager model (used at
+archive time, tvserve/build/tuning.py) and how to load it (used in the worker). Every runner maps a
+float32 Tensor[N, 3, H, W] to the model's raw output Tensor[N, ...] in float32, with `threads`
+intra-op threads and one inter-op thread (no reduced precision: served answers stay within the
+task's parity tolerance of eager). On a CUDA device the worker runs eager PyTorch, whatever the
+archive's CPU runtime. Adding a runtime is one `Runtime(...)` in RUNTIMES.
+"""
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+class Eager:
+    """The model itself; `channels_last` stores weights and inputs NHWC (faster for some CPUs/GPUs)."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, channels_last: bool = False):
+        self.format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model, self.device = model.to(device, memory_format=self.format), device
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=self.format)
+        return self.model(batch).float().cpu()
+
+
+class TorchScript:
+    """A traced module, frozen (weights folded in as constants) and optimised when loaded: a frozen
+    module does not survive torch.jit.save/load in torch 2.14, a traced one does."""
+
+    def __init__(self, path):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notices
+            traced = torch.jit.load(str(path), map_location="cpu").eval()
+            self.module = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.module(batch)
+
+
+class OnnxRuntime:
+    def __init__(self, path, threads: int):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle threads sleep instead of spinning: a spinning pool takes the cores that decoding,
+        # the other workers and TorchServe's frontend need between forwards.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: batch.numpy()})[0])
+
+
+class OpenVino:
+    def __init__(self, path, threads: int):
+        import openvino
+
+        self.compiled = openvino.Core().compile_model(str(path), "CPU", {
+            "INFERENCE_NUM_THREADS": threads,
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": "f32",  # never bf16/fp16, even where the CPU has them
+        })
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.request.infer([batch.numpy()])[0].copy())
+
+
+def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    with torch.no_grad():
+        torch.jit.save(torch.jit.trace(model, example), str(path))  # frozen when loaded
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    if not path.exists():  # ONNX Runtime and OpenVINO read the same ONNX file
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17,
+                          input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """One way to run a model. `load(model=, path=, threads=, device=)` returns the runner;
+    `export(model, example, path)` writes `file` from the eager model (None: built from the weights)."""
+
+    name: str
+    load: Callable
+    file: str = None
+    export: Callable = None
+
+
+RUNTIMES = {runtime.name: runtime for runtime in (
+    Runtime("eager", lambda model, device, **_: Eager(model, device)),
+    Runtime("eager_channels_last", lambda model, device, **_: Eager(model, device, channels_last=True)),
+    Runtime("torchscript", lambda path, **_: TorchScript(path), "model.ts", export_torchscript),
+    Runtime("onnxruntime", lambda path, threads, **_: OnnxRuntime(path, threads), "model.onnx", export_onnx),
+    Runtime("openvino", lambda path, threads, **_: OpenVino(path, threads), "model.onnx", export_onnx),
+)}
+
+
+def get_runtime(name: str) -> Runtime:
+    if name not in RUNTIMES:
+        raise ValueError(f"Unknown backend {name!r}: this archive needs a newer tvserve ({', '.join(RUNTIMES)} known).")
+    return RUNTIMES[name]
+
+
+def export(name: str, model: torch.nn.Module, crop: int, folder: Path) -> Path:
+    """Writes runtime `name`'s file for `model` (eval mode, CPU) into `folder`; returns its path."""
+    runtime = get_runtime(name)
+    path = Path(folder) / runtime.file
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's and the TorchScript-based ONNX exporter's deprecation notices
+        runtime.export(model, torch.randn(1, 3, crop, crop), path)
+    return path
+
+
+def set_threads(threads: int) -> None:
+    """torch's intra-op threads for this process, and one inter-op thread where still settable."""
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set, or parallel work already ran in this process
+        pass
+
+
+def load_runner(name: str, *, model=None, path=None, threads: int = 1, device: str = "cpu"):
+    """The runner for runtime `name`: eager ones need `model`, the others their exported file `path`.
+    Off the CPU, every runtime runs as eager (the model must be given)."""
+    runtime = get_runtime(name)
+    device = torch.device(device)
+    if device.type != "cpu" and runtime.file:
+        runtime = RUNTIMES["eager"]
+    return runtime.load(model=model, path=path, threads=threads, device=device)
+
+
+BACKENDS = tuple(RUNTIMES)
+EAGER = tuple(name for name, runtime in RUNTIMES.items() if runtime.file is None)  # built from the weights

@@ -1,0 +1,63 @@
+"""Image classification: logits Tensor[N, n_labels] -> the top-k labels with their softmax
+probabilities, most probable first: [{"label": "tabby", "index": 281, "probability": 0.93}, ...]."""
+
+import torch
+
+from handlers.errors import RequestError
+
+DEFAULT_TOPK = 5
+PARITY_TOLERANCE = 1e-4  # largest allowed |p_runtime - p_eager| of any softmax probability
+
+
+def as_text(value) -> str:
+    """A request option that should be text (bytes when TorchServe does not decode inputs)."""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError(400, "InvalidParameter", "Parameters must be UTF-8 text.") from None
+    return str(value)
+
+
+class Classification:
+    name = "classification"
+    option_names = ("topk",)
+    PARITY_TOLERANCE = PARITY_TOLERANCE
+    parity_what = "probabilities"
+
+    def __init__(self, labels: list):
+        self.labels = list(labels)
+
+    def check_output(self, output) -> None:
+        """Raises ValueError unless `output` (for one image) is one logit per label: (1, n_labels)."""
+        if not isinstance(output, torch.Tensor) or tuple(output.shape) != (1, len(self.labels)):
+            shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise ValueError(f"The model gives {shape} for one image and {len(self.labels)} labels: "
+                             "it must give one logit per label, shape (1, n_labels).")
+
+    def parse_options(self, raw: dict) -> dict:
+        """{"topk": k}: a whole number from 1 to the number of labels (default 5, capped)."""
+        text = raw.get("topk")
+        if text is None:
+            return {"topk": min(DEFAULT_TOPK, len(self.labels))}
+        text = as_text(text).strip()
+        if not text.isdigit() or not 1 <= int(text) <= len(self.labels):
+            raise RequestError(
+                400, "InvalidParameter", f"topk must be a whole number from 1 to {len(self.labels)}, got {text!r}."
+            )
+        return {"topk": int(text)}
+
+    @staticmethod
+    def scores(outputs: torch.Tensor) -> torch.Tensor:
+        """Logits Tensor[N, n_labels] -> probabilities Tensor[N, n_labels]."""
+        return torch.softmax(outputs, dim=1)
+
+    def parity_gap(self, outputs: torch.Tensor, reference: torch.Tensor) -> float:
+        """Largest |probability difference| between two runs' logits of the same images."""
+        return (self.scores(outputs) - self.scores(reference)).abs().max().item()
+
+    def postprocess(self, probabilities: torch.Tensor, options: dict) -> list:
+        """One image's probabilities Tensor[n_labels] -> its top-k answer."""
+        values, indices = probabilities.topk(options["topk"])
+        return [{"label": self.labels[index], "index": index, "probability": value}
+                for value, index in zip(values.tolist(), indices.tolist())]

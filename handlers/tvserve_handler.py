@@ -1,0 +1,122 @@
+"""tvserve's TorchServe handler: the archive's entry point, the same for every model.
+
+Lifecycle, in the TorchServe worker:
+- `initialize(context)` once: reads the archive's record (tvserve.json, handlers/record.py), sets
+  its thread budget, checks the sha256 of the weights (or of the exported model), loads the
+  recorded runtime (handlers/runtimes.py; eager on a GPU), and builds the task
+  (handlers/tasks/), the protocol (handlers/protocols/) and the preprocessing (handlers/devices.py).
+- `handle(data, context)` per batch: the protocol decodes each request into image bytes and
+  options, the preprocessor turns the bytes into a tensor (a client mistake gets its own 4xx, the
+  rest of the batch still runs), one forward under `torch.inference_mode()`, then the task's
+  answer per request, encoded by the protocol.
+- The management API's `GET /models/NAME?customized=true` gets the archive's record.
+
+Everything here imports torch, torchvision, PIL, the runtime's library and the files shipped in
+the archive only. TorchServe wants exactly one class in this module.
+"""
+
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from handlers.budget import thread_budget
+from handlers.devices import PREPROCESSORS, model_device
+from handlers.errors import RequestError
+from handlers.models import load_model
+from handlers.protocols import DEFAULT_PROTOCOL, PROTOCOLS
+from handlers.record import Backend, Record
+from handlers.runtimes import get_runtime, load_runner, set_threads
+from handlers.tasks import get_task
+
+log = logging.getLogger(__name__)
+
+
+def load_backend(model_dir: Path, record: Record, threads: int, device: str):
+    """(runtime name, runner) of the archive's recorded backend (eager for records without one)."""
+    backend = record.backend or Backend()
+    name = backend.name if device == "cpu" else "eager"
+    if get_runtime(name).file is None:
+        return name, load_runner(name, model=load_model(model_dir, record), device=device)
+    return name, load_runner(name, path=backend.verified(model_dir), threads=threads)
+
+
+@contextlib.contextmanager
+def busy_marker():
+    """A file that exists while this worker runs a batch, so that a graceful stop
+    (tvserve/ops/stopping.py) waits for it. Only when the server names a folder for them."""
+    folder = os.environ.get("TVSERVE_BUSY_DIR")
+    marker = Path(folder) / str(os.getpid()) if folder else None
+    if marker:
+        marker.touch()
+    try:
+        yield
+    finally:
+        if marker:
+            marker.unlink(missing_ok=True)
+
+
+class TvserveHandler:
+    """TorchServe entry point (the archive's only handler class)."""
+
+    def __init__(self):
+        self.initialized = False
+
+    def initialize(self, context):
+        model_dir = Path(context.system_properties["model_dir"])
+        self.record = Record.read(model_dir)
+        threads = thread_budget(getattr(context, "model_yaml_config", None))
+        device = model_device(context.system_properties.get("gpu_id"))
+        set_threads(threads)
+        self.backend, self.runner = load_backend(model_dir, self.record, threads, device)
+        self.task = get_task(self.record.task, self.record.labels)
+        self.protocol = PROTOCOLS[DEFAULT_PROTOCOL]
+        self.preprocessor = PREPROCESSORS["pil"](self.record.preset)
+        self.initialized = True
+        log.info("tvserve: loaded %s (%s), %d labels, backend %s on %s, %d threads", self.record.name,
+                 self.record.source, len(self.record.labels), self.backend, device, threads)
+
+    def preprocess(self, request: dict, headers: dict):
+        """One request -> (Tensor[3, H, W] float32, options). Raises RequestError for client mistakes."""
+        data, raw_options = self.protocol.decode(request, headers, self.task.option_names)
+        options = self.task.parse_options(raw_options)
+        return self.preprocessor(data), options
+
+    def inference(self, batch: torch.Tensor) -> torch.Tensor:
+        """Tensor[N, 3, H, W] -> the task's scores for each image (classification: probabilities)."""
+        with torch.inference_mode():
+            return self.task.scores(self.runner(batch))
+
+    def postprocess(self, scores: torch.Tensor, options: dict):
+        return self.task.postprocess(scores, options)
+
+    def handle(self, data, context):
+        if context.get_request_header(0, "describe") == "True":  # GET /models/NAME?customized=true
+            return [json.dumps(self.record.to_dict())]
+        with busy_marker():
+            return self.handle_batch(data, context)
+
+    def respond(self, context, idx: int, body, content_type: str):
+        context.set_response_content_type(idx, content_type)
+        return body
+
+    def handle_batch(self, data, context):
+        responses = [None] * len(data)
+        accepted, tensors = [], []
+        for idx, request in enumerate(data):
+            try:
+                tensor, options = self.preprocess(request, context.get_all_request_header(idx))
+            except RequestError as err:
+                context.set_response_status(err.status, err.type, idx=idx)
+                responses[idx] = self.respond(context, idx, *self.protocol.encode_error(err))
+                continue
+            accepted.append((idx, options))
+            tensors.append(tensor)
+        if tensors:
+            scores = self.inference(torch.stack(tensors))
+            for (idx, options), row in zip(accepted, scores):
+                responses[idx] = self.respond(context, idx, *self.protocol.encode(self.postprocess(row, options)))
+        return responses

@@ -1,0 +1,156 @@
+"""Writes `.mar` archives: the record, the weights, the exported model, the handler and its rooms.
+
+An archive holds:
+    MAR-INF/MANIFEST.json   TorchServe's manifest (made by torch-model-archiver's own code)
+    tvserve_handler.py      the handler entry point, and the `handlers/` package it imports
+    weights.pt              a plain state_dict (loads with weights_only=True)
+    model.onnx / model.ts   the exported model, when the chosen backend is not eager
+    tvserve.json            the record (handlers/record.py): model, preset, labels, hashes, versions
+    model-config.yaml       workers, batching, timeouts
+    <model source>.py       for models built from Python source (trained checkpoints, custom models)
+Files are stored uncompressed (weights do not compress), and the archive is written to a
+temporary name and renamed, so an interrupted run never leaves a half-written `.mar`.
+"""
+
+import logging
+import platform
+import tempfile
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torchvision
+import yaml
+from model_archiver.model_archiver_config import ModelArchiverConfig
+from model_archiver.model_archiver_error import ModelArchiverError
+from model_archiver.model_packaging_utils import ModelExportUtils
+from tqdm import tqdm
+
+import handlers
+from handlers.models import build_model
+from handlers.record import METADATA_FILE, Backend, Record, sha256_of
+from handlers.tasks import get_task
+from tvserve import TvserveError, __version__
+from tvserve.build.mar import MODEL_CONFIG_FILE
+from tvserve.build.options import DEFAULT_VERSION, ArchiveOptions
+from tvserve.build.tuning import TIMED_BATCH, choose_batch_size, choose_workers, select_backend
+from tvserve.build.weights import load_state_dict_file
+
+log = logging.getLogger(__name__)
+
+HANDLER_ENTRY = "tvserve_handler.py"
+WEIGHTS_FILE = "weights.pt"
+PROGRESS_BAR_BYTES = 50_000_000  # weights bigger than this show a progress bar while archived
+HANDLERS_DIR = Path(handlers.__file__).parent
+
+
+def library_versions() -> dict:
+    return {
+        "tvserve": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def archive_path(name: str, options: ArchiveOptions) -> Path:
+    """model_store/NAME.mar for the default version 1.0, NAME-VERSION.mar for any other, so two
+    versions of one model can sit side by side in one model store."""
+    try:
+        ModelExportUtils.check_model_name_regex_or_exit(name)
+    except (ModelArchiverError, SystemExit):
+        raise TvserveError(
+            f"Invalid model name {name!r}: use letters, digits, '_' and '-', starting with a letter or digit."
+        ) from None
+    stem = name if options.version == DEFAULT_VERSION else f"{name}-{options.version}"
+    path = Path(options.export_path) / f"{stem}.mar"
+    if path.exists() and not options.force:
+        raise TvserveError(f"{path} already exists. Pass --force to overwrite it.")
+    return path
+
+
+def copy_into(mar: zipfile.ZipFile, source: Path, name: str) -> str:
+    """Streams `source` into the archive as `name`, with a progress bar for big files; returns
+    its sha256, hashed on the other core while the copy runs (both read the page cache)."""
+    size = source.stat().st_size
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        sha256 = pool.submit(sha256_of, source)
+        with open(source, "rb") as stream, mar.open(name, "w", force_zip64=size >= 2**31) as out, \
+                tqdm(total=size, unit="B", unit_scale=True, desc=f"archiving {source.name}",
+                     disable=size < PROGRESS_BAR_BYTES, leave=False) as bar:
+            for block in iter(lambda: stream.read(1 << 22), b""):
+                out.write(block)
+                bar.update(len(block))
+        return sha256.result()
+
+
+def tune(record: Record, weights: Path, model_dir: Path, options: ArchiveOptions, folder: Path) -> tuple:
+    """(options with workers and batch size decided, backend dict) for this machine: builds the
+    model with its real weights on the CPU, decides the workers, then picks the backend and the
+    batch size from its timings (tuning.py)."""
+    if options.backend == "eager" and options.workers and options.batch_size:
+        return options, {"name": "eager", "file": None, "selection": {"wanted": "eager"}}
+    model = build_model(model_dir, record.model)
+    model.load_state_dict(load_state_dict_file(weights), strict=True)
+    if not options.workers:
+        options = replace(options, workers=choose_workers(model.eval(), record.preset))
+    log.info("choosing %s's backend (%s) for %d worker(s) x %d threads ...", record.name, options.backend,
+             options.workers, options.thread_budget())
+    backend = select_backend(model.eval(), get_task(record.task, record.labels), record.preset.crop,
+                             options.thread_budget(), options.backend or "auto", folder,
+                             batch=options.batch_size or TIMED_BATCH)
+    if not options.batch_size:
+        options = replace(options, batch_size=choose_batch_size(backend))
+    return options, backend
+
+
+def write_handlers(mar: zipfile.ZipFile) -> None:
+    """The entry point at the archive's root, and the whole handlers/ package under handlers/."""
+    mar.write(HANDLERS_DIR / HANDLER_ENTRY, HANDLER_ENTRY)
+    for source in sorted(HANDLERS_DIR.rglob("*.py")):
+        mar.write(source, f"handlers/{source.relative_to(HANDLERS_DIR).as_posix()}")
+
+
+def write_archive(record: Record, weights: Path, options: ArchiveOptions, model_dir: Path, sources=(),
+                  check_sha256=None) -> Path:
+    """Writes the `.mar` for `record` with the state_dict file `weights`; `model_dir` holds the
+    files the model is built from, `sources` the Python ones that go into the archive;
+    `check_sha256(sha256)` may refuse the weights before the archive replaces anything.
+    Returns the archive's path."""
+    path = archive_path(record.name, options)
+    manifest = ModelExportUtils.generate_manifest_json(ModelArchiverConfig(
+        model_name=record.name, handler=HANDLER_ENTRY, version=options.version,
+        serialized_file=WEIGHTS_FILE, config_file=MODEL_CONFIG_FILE,
+    ))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with zipfile.ZipFile(partial, "w", zipfile.ZIP_STORED) as mar, \
+                tempfile.TemporaryDirectory(prefix="tvserve-export-") as exports:
+            sha256 = copy_into(mar, Path(weights), WEIGHTS_FILE)
+            if check_sha256:
+                check_sha256(sha256)
+            options, backend = tune(record, weights, model_dir, options, Path(exports))
+            if backend["file"]:
+                exported = Path(backend["file"])
+                backend = {**backend, "file": exported.name, "sha256": copy_into(mar, exported, exported.name)}
+            record = replace(
+                record, version=options.version, versions=library_versions(),
+                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                weights=replace(record.weights, file=WEIGHTS_FILE, sha256=sha256),
+                preset=replace(record.preset, jpeg_draft=options.jpeg_draft),
+                backend=Backend.from_dict(backend))
+            mar.writestr("MAR-INF/MANIFEST.json", manifest)
+            mar.writestr(METADATA_FILE, record.to_json())
+            mar.writestr(MODEL_CONFIG_FILE, yaml.safe_dump(options.model_config(), sort_keys=False))
+            write_handlers(mar)
+            for source in sources:
+                mar.write(source, Path(source).name)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+    log.info("wrote %s (%.1f MB)", path, path.stat().st_size / 1e6)
+    return path

@@ -1,0 +1,230 @@
+"""Starts, watches and stops one TorchServe process for a model store.
+
+A model counts as ready only when the management API shows its workers READY: `/ping` answers
+Healthy even while a worker crash-loops. A server whose models do not become ready is stopped,
+and the worker's error is read from its log.
+"""
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from handlers.budget import cores_per_worker
+from tvserve import TvserveError
+from tvserve.build.mar import read_model_config, registered_name
+from tvserve.ops import logs, state
+from tvserve.ops.client import KEY_FILE, read_keys
+from tvserve.ops.management import model_status, readiness
+from tvserve.ops.properties import read_properties
+from tvserve.ops.stopping import DRAIN_SECONDS, signal_group, stop_group
+
+log = logging.getLogger(__name__)
+
+EXTRA_STARTUP_SECONDS = 30  # JVM start and worker spawn, on top of the archives' startupTimeout
+FAILED_LOADS_BEFORE_GIVING_UP = 2  # TorchServe retries a dead worker forever, with backoff
+
+
+class Server:
+    """One TorchServe process tree (launcher, Java frontend, Python workers) in its own session.
+
+    `workdir` holds its logs, temp files and state file, so servers never share files.
+    """
+
+    def __init__(self, *, model_store: Path, config: Path, workdir: Path, models: str = "all", env: dict = None):
+        self.model_store = Path(model_store).resolve()
+        self.config = Path(config).resolve()
+        self.workdir = Path(workdir).resolve()
+        self.models = models
+        self.extra_env = dict(env or {})  # on top of this process's environment
+        self.properties = read_properties(self.config)
+        self.inference_url = self.properties.get("inference_address", "http://127.0.0.1:8080")
+        self.management_url = self.properties.get("management_address", "http://127.0.0.1:8081")
+        self.metrics_url = self.properties.get("metrics_address", "http://127.0.0.1:8082")
+        self.process = None
+
+    def __enter__(self) -> "Server":
+        """Starts the server and waits until it is READY; leaving the block stops it."""
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    @property
+    def log_dir(self) -> Path:
+        return self.workdir / "logs"
+
+    @property
+    def busy_dir(self) -> Path:
+        return self.workdir / "busy"
+
+    def archives(self) -> list:
+        """The .mar files this server loads."""
+        if self.models == "all":
+            return sorted(self.model_store.glob("*.mar"))
+        return [self.model_store / entry.split("=")[-1] for entry in self.models.split(",")]
+
+    def expected_models(self) -> list:
+        if self.models == "all":
+            return sorted({registered_name(path) for path in self.archives()})
+        return sorted(entry.split("=")[0].removesuffix(".mar") for entry in self.models.split(","))
+
+    def startup_timeout(self) -> float:
+        timeouts = [int(read_model_config(mar).get("startupTimeout", 120)) for mar in self.model_store.glob("*.mar")]
+        return max(timeouts, default=120) + EXTRA_STARTUP_SECONDS
+
+    def environment(self) -> dict:
+        env = {**os.environ, **self.extra_env}
+        tmp = self.workdir / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        env.update(TMPDIR=str(tmp), TEMP=str(tmp), LOG_LOCATION=str(self.log_dir), METRICS_LOCATION=str(self.log_dir))
+        env["TVSERVE_BUSY_DIR"] = str(self.busy_dir)  # workers mark the batches they are running
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep, not spin (handlers/runtimes.py)
+        if "TVSERVE_THREADS" not in env:
+            env["TVSERVE_THREADS"] = str(self.threads_per_worker())
+        return env
+
+    def threads_per_worker(self) -> int:
+        """config's tvserve_threads_per_worker, or for `auto` (the default) the cores shared evenly
+        among every worker of the models it loads, so that workers x threads <= cores."""
+        threads = self.properties.get("tvserve_threads_per_worker", "auto")
+        if threads != "auto":
+            return int(threads)
+        default = int(self.properties.get("default_workers_per_model", os.cpu_count() or 1))
+        workers = sum(int(read_model_config(mar).get("minWorkers", default)) for mar in self.archives() if mar.is_file())
+        return cores_per_worker(workers)
+
+    def start(self) -> "Server":
+        if not self.model_store.is_dir():
+            raise TvserveError(f"No model store at {self.model_store}. Build archives with `tvserve archive`, "
+                               "or pass --model-store DIR.")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / KEY_FILE).unlink(missing_ok=True)  # TorchServe writes fresh keys at start
+        shutil.rmtree(self.busy_dir, ignore_errors=True)
+        self.busy_dir.mkdir()
+        command = [
+            str(Path(sys.executable).with_name("torchserve")), "--start", "--foreground", "--ncs",
+            "--model-store", str(self.model_store), "--ts-config", str(self.config),
+            "--models", self.models,
+        ]
+        if self.properties.get("tvserve_lean_logs") == "true":
+            (self.workdir / "log4j2.xml").write_text(logs.log4j2_xml())
+            command += ["--log-config", str(self.workdir / "log4j2.xml")]
+        self.console = open(self.log_dir / "console.log", "ab")
+        self.process = subprocess.Popen(
+            command, cwd=self.workdir, env=self.environment(), start_new_session=True,
+            stdout=self.console, stderr=subprocess.STDOUT,
+        )
+        state.record(self.workdir, self.process.pid, inference_url=self.inference_url,
+                     management_url=self.management_url)
+        return self
+
+    def keys(self) -> dict:
+        """The API keys TorchServe wrote in its working directory ({} with tokens off)."""
+        return read_keys(self.workdir)
+
+    def model_status(self) -> dict:
+        """{model name: (READY workers, workers wanted)} for every version the server knows."""
+        return model_status(self.management_url, self.keys().get("management"))
+
+    def not_ready(self) -> list:
+        """Expected models whose workers are not all READY yet (all of them if the API is down)."""
+        try:
+            status = self.model_status()
+        except (requests.RequestException, ValueError):
+            return self.expected_models()
+        return [name for name in self.expected_models()
+                if name not in status or status[name][0] < status[name][1]]
+
+    def wait_ready(self, timeout: float = None, poll: float = 0.5) -> None:
+        """Blocks until every expected model is READY; stops the server and raises otherwise."""
+        timeout = timeout or self.startup_timeout()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise TvserveError(
+                    f"TorchServe exited with code {self.process.returncode} during start-up.\n" + self.console_tail()
+                )
+            waiting = self.not_ready()
+            if not waiting:
+                return
+            failing = [name for name in waiting if self.failed_loads(name) >= FAILED_LOADS_BEFORE_GIVING_UP]
+            if failing or time.monotonic() > deadline:
+                why = "workers keep dying while loading" if failing else f"not ready after {timeout:.0f} s"
+                errors = "\n".join(self.worker_error(name) for name in failing or waiting)
+                self.stop()
+                raise TvserveError(f"Model(s) {', '.join(failing or waiting)}: {why}; server stopped.\n{errors}")
+            time.sleep(poll)
+
+    def failed_loads(self, model: str) -> int:
+        return logs.failed_loads(self.log_dir, model)
+
+    def worker_error(self, model: str) -> str:
+        return logs.worker_error(self.log_dir, model)
+
+    def console_tail(self, lines: int = 20) -> str:
+        return logs.tail(self.log_dir / "console.log", lines)
+
+    def stop(self, timeout: float = 60) -> int:
+        """Lets accepted requests finish, then stops the whole process tree; returns the exit code."""
+        if self.process is None or self.console.closed:
+            return 0 if self.process is None else self.process.returncode
+        if self.process.poll() is None:
+            stop_group(self.process.pid, management_url=self.management_url, token=self.keys().get("management"),
+                       busy_dir=self.busy_dir, timeout=timeout, wait=self.wait_exit)
+        self.process.wait()
+        self.console.close()
+        state.forget(self.workdir)
+        return self.process.returncode
+
+    def wait_exit(self, timeout: float) -> bool:
+        try:
+            self.process.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+
+def health(workdir: Path) -> tuple:
+    """(ready?, one line) for the server recorded in `workdir`: ready only when every model it
+    knows has all its workers READY, which `/ping` does not tell."""
+    recorded = state.read(workdir)
+    if recorded is None:
+        return False, f"no server recorded in {Path(workdir) / state.STATE_FILE}"
+    return readiness(recorded["management"], read_keys(workdir).get("management"))
+
+
+def stop_recorded(workdir: Path, timeout: float = 60) -> bool:
+    """Stops the server recorded in `workdir`; False when none is recorded or the recorded PID is no
+    longer that TorchServe (then only the stale record is removed)."""
+    recorded = state.read(workdir)
+    if recorded is None:
+        return False
+    if not state.server_alive(recorded):
+        log.warning("the recorded TorchServe (pid %s) is no longer running: removing its stale record", recorded["pid"])
+        state.forget(Path(workdir))
+        return False
+    if state.owner_alive(recorded):
+        os.kill(recorded["owner"], signal.SIGTERM)  # a foreground `tvserve serve`: it drains and stops its server
+        deadline = time.monotonic() + DRAIN_SECONDS + timeout
+        while time.monotonic() < deadline and state.server_alive(recorded):
+            time.sleep(0.2)
+        if state.server_alive(recorded):
+            signal_group(recorded["pid"], signal.SIGKILL)
+    else:
+        stop_group(recorded["pid"], management_url=recorded["management"],
+                   token=read_keys(workdir).get("management"), busy_dir=Path(workdir) / "busy", timeout=timeout)
+    state.forget(Path(workdir))
+    return True
