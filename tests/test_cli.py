@@ -78,6 +78,11 @@ def missing_class(meta: dict) -> None:
     meta["backend"] = {"name": "eager"}
 
 
+def newer_format(meta: dict) -> None:
+    """A record written by a future tvserve."""
+    meta["format"] = 99
+
+
 def tampered(meta: dict) -> None:
     """Records other hashes than the files': the weights' and, if any, the exported model's."""
     for entry in (meta["weights"], meta.get("backend", {})):
@@ -85,11 +90,12 @@ def tampered(meta: dict) -> None:
             entry["sha256"] = "0" * 64
 
 
-@pytest.mark.parametrize("case", ["missing_class", "tampered_weights"])
+@pytest.mark.parametrize("case", ["missing_class", "tampered_weights", "newer_format"])
 def test_serve_exits_nonzero_with_the_workers_error(tmp_path, model_store, case):
     edits = {
         "missing_class": (missing_class, "models.py defines no class 'NoSuchNet'"),
         "tampered_weights": (tampered, "Tampered archive"),
+        "newer_format": (newer_format, "record is format 99; this tvserve reads formats up to"),
     }
     edit, expected = edits[case]
     store = tmp_path / "store"
@@ -101,3 +107,10 @@ def test_serve_exits_nonzero_with_the_workers_error(tmp_path, model_store, case)
     assert "digits_net" in result.stderr and "server stopped" in result.stderr
     assert expected in result.stderr
     assert not (tmp_path / "w" / "server.json").exists()
+
+
+def test_describe_refuses_a_newer_record_format_in_one_line(tmp_path, model_store):
+    mar = broken_copy(model_store / "digits_net.mar", tmp_path / "future.mar", newer_format)
+    result = run_tvserve("describe", mar)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "format 99" in result.stderr and "Upgrade tvserve" in result.stderr
