@@ -1,13 +1,16 @@
 """The `tvserve` command as a user runs it: a real subprocess, real files, real server."""
 
 import json
+import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 
 from helpers import REPO, run_tvserve
-from tvserve.ops.properties import free_ports_config
+from tvserve.ops.properties import PRODUCTION_CONFIG, free_ports_config
 
 
 def offline_env(torch_home):
@@ -114,3 +117,47 @@ def test_describe_refuses_a_newer_record_format_in_one_line(tmp_path, model_stor
     result = run_tvserve("describe", mar)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "format 99" in result.stderr and "Upgrade tvserve" in result.stderr
+
+
+def installed_tvserve(*args, cwd, timeout=600):
+    """The installed `tvserve` command run from `cwd` (not the checkout), as a user runs it."""
+    command = [str(Path(sys.executable).with_name("tvserve")), *map(str, args)]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_serve_from_another_folder_never_prints_a_key_and_stops_its_own_server(tmp_path, model_store):
+    """`tvserve serve --production` run outside the checkout: the configuration ships with the
+    package, the current folder's model_store/ is served, the ready message says where the key is
+    (never the key), and `tvserve stop` stops it."""
+    (tmp_path / "model_store").mkdir()
+    shutil.copy(model_store / "digits_net.mar", tmp_path / "model_store")
+    config = free_ports_config(PRODUCTION_CONFIG, tmp_path / "production.properties")
+    started = installed_tvserve("serve", "--production", "--config", config, "--detach", cwd=tmp_path)
+    try:
+        assert started.returncode == 0, started.stderr
+        key_file = tmp_path / ".tvserve" / "key_file.json"
+        keys = json.loads(key_file.read_text())
+        printed = started.stdout + started.stderr
+        assert "Ready: digits_net" in printed and str(key_file) in printed
+        assert all(keys[api]["key"] not in printed for api in ("inference", "management"))
+        assert installed_tvserve("health", cwd=tmp_path).returncode == 0
+    finally:
+        stopped = installed_tvserve("stop", cwd=tmp_path)
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stderr
+    assert not (tmp_path / ".tvserve" / "server.json").exists()
+
+
+def test_stop_leaves_alone_a_process_that_took_over_the_recorded_pid(tmp_path):
+    """A server.json whose PID now belongs to another program (PIDs are reused): nothing is signalled."""
+    bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        (tmp_path / "server.json").write_text(json.dumps({
+            "pid": bystander.pid, "started": 0.0, "owner": None,
+            "inference": "http://127.0.0.1:9", "management": "http://127.0.0.1:9"}))
+        result = run_tvserve("stop", "--workdir", tmp_path)
+        assert result.returncode == 1 and "No running server recorded" in result.stderr
+        assert bystander.poll() is None  # still running
+        assert not (tmp_path / "server.json").exists()  # the stale record is gone
+    finally:
+        bystander.kill()
+        bystander.wait()
