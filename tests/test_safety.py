@@ -1,7 +1,9 @@
 """Safe by default, and faults survived: the production configuration, safe loading, client
 retries, a killed worker, overload, and an honest readiness check."""
 
+import contextlib
 import json
+import logging
 import os
 import pickle
 import signal
@@ -119,16 +121,17 @@ def test_a_pickle_that_runs_code_is_refused_and_nothing_runs(tmp_path):
 
 
 class Flaky(BaseHTTPRequestHandler):
-    """Answers 503 with Retry-After: 1 to the first two POSTs, then 200 with a top-1 JSON."""
+    """Answers `status` with Retry-After to the first two POSTs, then 200 with a top-1 JSON."""
 
+    status, retry_after = 503, "1"
     calls = []
 
     def do_POST(self):  # noqa: N802 - the http.server API
         self.rfile.read(int(self.headers["Content-Length"]))
-        Flaky.calls.append(time.monotonic())
-        if len(Flaky.calls) <= 2:
-            self.send_response(503)
-            self.send_header("Retry-After", "1")
+        self.calls.append(time.monotonic())
+        if len(self.calls) <= 2:
+            self.send_response(self.status)
+            self.send_header("Retry-After", self.retry_after)
             body = b'{"code": 503, "type": "ServiceUnavailableException", "message": "busy"}'
         else:
             self.send_response(200)
@@ -141,22 +144,95 @@ class Flaky(BaseHTTPRequestHandler):
         pass
 
 
+class Silent(BaseHTTPRequestHandler):
+    """Reads each POST and answers nothing until `release` is set (when the test ends)."""
+
+    calls = []
+    release = threading.Event()
+
+    def do_POST(self):  # noqa: N802 - the http.server API
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.calls.append(time.monotonic())
+        self.release.wait(600)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def local_server(handler):
+    """An HTTP server on a free loopback port answering with `handler`; yields its URL."""
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        try:
+            yield f"http://127.0.0.1:{httpd.server_port}"
+        finally:
+            httpd.shutdown()
+
+
+def retry_lines(caplog) -> list:
+    return [record.getMessage() for record in caplog.records if record.name == "tvserve.client"]
+
+
 def test_client_retries_503_honouring_retry_after():
     Flaky.calls.clear()
-    with ThreadingHTTPServer(("127.0.0.1", 0), Flaky) as flaky:
-        threading.Thread(target=flaky.serve_forever, daemon=True).start()
-        answer = client.predict("m", b"image", url=f"http://127.0.0.1:{flaky.server_port}")
-        flaky.shutdown()
+    with local_server(Flaky) as url:
+        answer = client.predict("m", b"image", url=url)
     assert answer[0]["label"] == "x" and len(Flaky.calls) == 3
     assert Flaky.calls[1] - Flaky.calls[0] >= 0.95 and Flaky.calls[2] - Flaky.calls[1] >= 0.95
 
 
-def test_client_gives_up_after_bounded_retries_on_no_server():
+@pytest.mark.parametrize("status", [503, 507])
+def test_each_retry_is_logged_with_its_status(caplog, status):
+    handler = type(f"Flaky{status}", (Flaky,), {"status": status, "calls": []})
+    caplog.set_level(logging.INFO, logger="tvserve.client")
+    with local_server(handler) as url:
+        answer = client.predict("m", b"image", url=url)
+    assert answer[0]["label"] == "x" and len(handler.calls) == 3
+    assert retry_lines(caplog) == [f"retrying POST /predictions/m in 1.0 s (HTTP {status})"] * 2
+
+
+def test_retry_after_is_capped(caplog, monkeypatch):
+    handler = type("FlakyForAnHour", (Flaky,), {"retry_after": "3600", "calls": []})
+    monkeypatch.setattr(client, "MAX_WAIT", 0.5)
+    caplog.set_level(logging.INFO, logger="tvserve.client")
+    with local_server(handler) as url:
+        assert client.predict("m", b"image", url=url)[0]["label"] == "x"
+    assert retry_lines(caplog) == ["retrying POST /predictions/m in 0.5 s (HTTP 503)"] * 2
+    assert handler.calls[1] - handler.calls[0] >= 0.45
+
+
+def test_client_gives_up_after_bounded_retries_on_no_server(caplog):
     port = free_port()
+    caplog.set_level(logging.INFO, logger="tvserve.client")
     started = time.monotonic()
     with pytest.raises(TvserveError, match="No server answers"):
         client.predict("m", b"image", url=f"http://127.0.0.1:{port}", retries=3)
     assert 3.0 <= time.monotonic() - started < 10  # 0.5 + 1 + 2 s of backoff
+    lines = retry_lines(caplog)
+    assert [line.split(" (")[0] for line in lines] == [f"retrying POST /predictions/m in {s} s" for s in
+                                                      ("0.5", "1.0", "2.0")]
+    assert all("connection error" in line and "Connection refused" in line for line in lines)
+
+
+def test_a_read_timeout_is_one_error_not_retried_and_one_line_from_the_cli(tmp_path):
+    """A server that takes the request and never answers: no retry, no traceback."""
+    image = tmp_path / "image.png"
+    image.write_bytes(b"image")
+    Silent.calls.clear()
+    Silent.release.clear()
+    with local_server(Silent) as url:
+        try:
+            with pytest.raises(TvserveError, match=r"^m: the server at .* did not answer within 1 s\."):
+                client.predict("m", b"image", url=url, timeout=1)
+            result = run_tvserve("predict", "m", image, "--url", url, "--timeout", 1, "--workdir", tmp_path,
+                                 timeout=120)
+        finally:
+            Silent.release.set()
+    assert len(Silent.calls) == 2  # one POST each: a read timeout is not retried
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: m: the server at {url} took the request but did not answer within 1 s.")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_killed_worker_recovers_and_no_request_is_lost(server, digit_files):

@@ -231,7 +231,7 @@ def cmd_predict(args):
     token = keys(args).get("inference")
     for image in args.images:
         results = client.predict(args.model, image, url=args.url, topk=args.topk, version=args.model_version,
-                                 token=token)
+                                 token=token, timeout=args.timeout)
         print(f"{image}:")
         for item in results:
             print(f"  {item['probability']:.4f}  {item['label']} ({item['index']})")
@@ -373,6 +373,8 @@ def get_parser(with_training: bool = True):
     predict.add_argument("--url", default=client.DEFAULT_URL)
     predict.add_argument("--topk", type=int)
     predict.add_argument("--model-version")
+    predict.add_argument("--timeout", type=float, default=60,
+                         help="seconds to wait for the server's answer to each image (default 60)")
     predict.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where the server keeps its API keys")
     predict.set_defaults(func=cmd_predict)
 
