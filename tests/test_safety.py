@@ -131,9 +131,10 @@ def test_a_pickle_that_runs_code_is_refused_and_nothing_runs(tmp_path):
 
 
 class Flaky(BaseHTTPRequestHandler):
-    """Answers `status` with Retry-After to the first two POSTs, then 200 with a top-1 JSON."""
+    """Answers `status` with Retry-After and TorchServe's JSON error body to the first two POSTs,
+    then 200 with a top-1 JSON."""
 
-    status, retry_after = 503, "1"
+    status, retry_after, message = 503, "1", "busy"
     calls = []
 
     def do_POST(self):  # noqa: N802 - the http.server API
@@ -142,7 +143,7 @@ class Flaky(BaseHTTPRequestHandler):
         if len(self.calls) <= 2:
             self.send_response(self.status)
             self.send_header("Retry-After", self.retry_after)
-            body = b'{"code": 503, "type": "ServiceUnavailableException", "message": "busy"}'
+            body = json.dumps({"code": self.status, "type": "SomeException", "message": self.message}).encode()
         else:
             self.send_response(200)
             body = b'[{"label": "x", "index": 0, "probability": 1.0}]'
@@ -200,6 +201,20 @@ def test_each_retry_is_logged_with_its_status(caplog, status):
         answer = client.predict("m", b"image", url=url)
     assert answer[0]["label"] == "x" and len(handler.calls) == 3
     assert retry_lines(caplog) == [f"retrying POST /predictions/m in 1.0 s (HTTP {status})"] * 2
+
+
+def test_a_500_from_a_dying_worker_is_retried_and_other_500s_are_not(caplog):
+    died = type("WorkerDied", (Flaky,), {"status": 500, "message": "Worker died.", "calls": []})
+    bug = type("HandlerBug", (Flaky,), {"status": 500, "message": "boom", "calls": []})
+    caplog.set_level(logging.INFO, logger="tvserve.client")
+    with local_server(died) as url:
+        assert client.predict("m", b"image", url=url)[0]["label"] == "x"
+    assert len(died.calls) == 3 and retry_lines(caplog) == [
+        f"retrying POST /predictions/m in {delay} s (HTTP 500: Worker died.)" for delay in ("0.5", "1.0")]
+    caplog.clear()
+    with local_server(bug) as url, pytest.raises(TvserveError, match="^m: HTTP 500: boom$"):
+        client.predict("m", b"image", url=url)
+    assert len(bug.calls) == 1 and retry_lines(caplog) == []
 
 
 def test_retry_after_is_capped(caplog, monkeypatch):
@@ -292,6 +307,34 @@ def test_killed_worker_recovers_and_no_request_is_lost(server, digit_files):
           f"({answered_before} before the kill, {recovered_at - answered_before} while it restarted), "
           f"{len(results) - len(failures)} correct answers, failures: {failures[:3]}")
     assert not failures and len(results) >= BEFORE_KILL + AFTER_RECOVERY
+
+
+def test_the_request_inside_a_killed_worker_is_retried_not_lost(work, gated, caplog):
+    """kill -9 of a worker while the gate holds one request inside it and two queued: the client
+    retries the one that died with the worker (TorchServe answers it 507, or 500 "Worker died."
+    when it has not yet seen the worker's exit code), and all three get the same answer as before."""
+    store, gate = gated
+    caplog.set_level(logging.INFO, logger="tvserve.client")
+    with make_server(work / "killed_gated", store, REPO / "config.properties") as server:
+        image = PHOTOS[0].read_bytes()
+        calm = client.predict("gated", image, url=server.inference_url)
+        victim = worker_pid(server, "gated")
+
+        def predict(_):
+            return client.predict("gated", image, url=server.inference_url, timeout=120)
+
+        with ThreadPoolExecutor(max_workers=3) as pool, gate.closed():
+            held_requests = [pool.submit(predict, i) for i in range(3)]
+            wait_until(lambda: held(server) == (2, True), "one request inside the worker and two queued")
+            os.kill(victim, signal.SIGKILL)
+            wait_until(lambda: new_worker_ready(server, "gated", victim), "gated READY with a new worker", timeout=120)
+        answers = [future.result() for future in held_requests]  # the gate is open again
+    retried = [line for line in retry_lines(caplog) if "/predictions/gated" in line]
+    print(f"\nkill -9 of a worker holding a request: retries {retried}")
+    assert answers == [calm] * 3
+    assert len(retried) == 1, retried  # the one inside the worker
+    assert retried[0] in [f"retrying POST /predictions/gated in 0.5 s ({reason})"
+                          for reason in ("HTTP 507", "HTTP 500: Worker died.")]
 
 
 BURST = 40  # concurrent requests against a full queue

@@ -1,8 +1,9 @@
 """A small HTTP client for a running tvserve: predictions and the management API.
 
 Predictions are idempotent, so a prediction that meets a connection error, a 503 (queue full,
-no worker yet) or TorchServe's 507 (the worker died under the request) is retried with bounded
-exponential backoff, honouring the server's Retry-After (urllib3's Retry, in a requests Session).
+no worker yet) or TorchServe's 507 or 500 "Worker died." (the worker died under the request) is
+retried with bounded exponential backoff, honouring the server's Retry-After (urllib3's Retry, in
+a requests Session).
 A read timeout is not retried: the server took the request and did not answer in time, and a
 retry would wait as long again. With token authorization on, pass the key from the server's key
 file (`read_keys(workdir)`).
@@ -12,6 +13,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -29,6 +31,7 @@ RETRIES = 4  # after the first try: 0.5 + 1 + 2 + 4 s of backoff at most
 BACKOFF = 0.5  # s before the first retry, doubled each retry after it
 MAX_WAIT = 10.0  # s, the most one Retry-After is honoured for
 RETRY_STATUSES = (503, 507)
+WORKER_DIED = "Worker died."  # TorchServe's message when a worker dies under a request (see worker_died)
 RETRY_METHODS = Retry.DEFAULT_ALLOWED_METHODS | {"POST"}  # a prediction changes nothing on the server
 
 
@@ -100,16 +103,33 @@ def with_retries(session: requests.Session, retries: int = RETRIES) -> requests.
     return session
 
 
+def worker_died(response: requests.Response) -> bool:
+    """A 500 with TorchServe's "Worker died.": it answers a request whose worker died with 507 when
+    it has already seen the worker's exit code 137 (SIGKILL, out of memory), and with 500 when it
+    has not (a race in its WorkerThread). The request is as safe to send again as after a 507."""
+    return response.status_code == 500 and error_message(response) == WORKER_DIED
+
+
 def post_with_retries(url: str, *, data: bytes, headers: dict, timeout: float, retries: int = RETRIES,
                       session=requests) -> requests.Response:
-    """POSTs, retrying connection errors and RETRY_STATUSES; returns the last response. `session`
-    is a requests.Session (its adapters become retrying ones) or the requests module (a session
-    for this call only). Raises requests.ConnectionError when no try connected, and
+    """POSTs, retrying connection errors and RETRY_STATUSES (urllib3's Retry), and a 500 whose
+    worker died (which Retry cannot tell from the status alone); returns the last response.
+    `session` is a requests.Session (its adapters become retrying ones) or the requests module (a
+    session for this call only). Raises requests.ConnectionError when no try connected, and
     requests.ReadTimeout, at once, when the server took the request but did not answer in `timeout` s."""
-    if isinstance(session, requests.Session):
-        return with_retries(session, retries).post(url, data=data, headers=headers, timeout=timeout)
-    with with_retries(requests.Session(), retries) as own:
-        return own.post(url, data=data, headers=headers, timeout=timeout)
+    own = not isinstance(session, requests.Session)
+    http = with_retries(requests.Session() if own else session, retries)
+    try:
+        for attempt in range(retries + 1):
+            response = http.post(url, data=data, headers=headers, timeout=timeout)
+            if attempt == retries or not worker_died(response):
+                return response
+            delay = BACKOFF * 2**attempt
+            log.info("retrying POST %s in %.1f s (HTTP 500: %s)", urlsplit(url).path, delay, WORKER_DIED)
+            time.sleep(delay)
+    finally:
+        if own:
+            http.close()
 
 
 def predict(model: str, image, *, url: str = DEFAULT_URL, topk: int = None, version: str = None,
