@@ -233,7 +233,7 @@ def test_client_gives_up_after_bounded_retries_on_no_server(caplog):
     started = time.monotonic()
     with pytest.raises(TvserveError, match="No server answers"):
         client.predict("m", b"image", url=f"http://127.0.0.1:{port}", retries=3)
-    assert 3.0 <= time.monotonic() - started < 10  # 0.5 + 1 + 2 s of backoff
+    assert time.monotonic() - started >= 3.4  # 0.5 + 1 + 2 s of backoff slept; bounded: exactly 3 retries below
     lines = retry_lines(caplog)
     assert [line.split(" (")[0] for line in lines] == [f"retrying POST /predictions/m in {s} s" for s in
                                                       ("0.5", "1.0", "2.0")]
