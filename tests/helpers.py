@@ -1,12 +1,21 @@
-"""Helpers for tests: HTTP against the live server, and the CLI as a subprocess."""
+"""Helpers for tests: HTTP against the live server, the CLI as a subprocess, custom models, and a
+model whose requests finish only when the test says so."""
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import requests
 import torch
+
+from tvserve.build.options import ArchiveOptions
+from tvserve.build.sources import archive_custom
+from tvserve.ops.management import pending_requests
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,3 +55,73 @@ def write_custom_model(folder: Path, name: str, source: str, class_name: str, la
     model = namespace[class_name](**init)
     torch.save(model.state_dict(), folder / f"{name}.pt")
     return model.eval()
+
+
+# Two logits from the image's mean colour; each forward waits while the file `gate` exists, so a
+# test decides when requests can finish, whatever the machine's speed.
+GATED_MODEL = textwrap.dedent('''
+    import os
+    import time
+
+    import torch
+    from torch import nn
+
+
+    class Gated(nn.Module):
+        def __init__(self, gate=""):
+            super().__init__()
+            self.gate = gate
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):
+            while self.gate and os.path.exists(self.gate):
+                time.sleep(0.01)
+            return self.head(x.mean(dim=(2, 3)))
+''')
+
+
+class Gate:
+    """The file that holds every forward of GATED_MODEL while it exists."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def close(self) -> None:
+        self.path.touch()
+
+    def open(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def closed(self):
+        """Closed inside the block, open again after it (also when the test fails)."""
+        self.close()
+        try:
+            yield self
+        finally:
+            self.open()
+
+
+def archive_gated(folder: Path, export_path: Path, gate: Gate, name: str = "gated") -> Path:
+    """Archives GATED_MODEL as NAME.mar in `export_path`: eager, one worker, batches of one (so a
+    held forward holds exactly one request, and nothing is timed at archive time)."""
+    init = {"gate": str(gate.path)}
+    write_custom_model(folder, name, GATED_MODEL, "Gated", ["a", "b"], **init)
+    return archive_custom(model_file=folder / f"{name}.py", class_name="Gated", init_args=json.dumps(init),
+                          weights=folder / f"{name}.pt", labels=folder / "labels.txt", resize=8, crop=8,
+                          mean="0.5,0.5,0.5", std="0.25,0.25,0.25",
+                          options=ArchiveOptions(export_path=export_path, workers=1, batch_size=1, backend="eager"))
+
+
+def held(server, model: str = "gated") -> tuple:
+    """(requests queued for `model`, whether a worker is inside a batch) from the live server."""
+    return pending_requests(server.management_url).get(model, 0), any(server.busy_dir.iterdir())
+
+
+def wait_until(condition, what: str, timeout: float = 60, poll: float = 0.05) -> None:
+    """Polls `condition()` until it is true; fails naming `what` after `timeout` s, a bound for a
+    hung server far above what any machine needs."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not seen within {timeout:.0f} s"
+        time.sleep(poll)

@@ -23,17 +23,13 @@ from torchvision.datasets import CIFAR10, ImageFolder
 from handlers.errors import RequestError
 from handlers.images import open_image
 from handlers.preprocessing import build_geometry
+from training.errors import DatasetError
 from training.models import INPUT_SIZE
-from tvserve import TvserveError
 
 log = logging.getLogger(__name__)
 
 PRESET = {"resize": INPUT_SIZE, "crop": INPUT_SIZE, "interpolation": "bilinear"}  # what archives record
 CIFAR2_CLASSES = {0: "airplane", 2: "bird"}  # CIFAR-10 label -> name, as in the book
-
-
-class DatasetError(TvserveError):
-    """The dataset cannot be had; the message says where to put it."""
 
 
 @dataclass
@@ -158,6 +154,11 @@ def channel_stats(images: torch.Tensor):
     """Per-channel mean and std of uint8 Tensor[N, 3, H, W], in [0, 1] units, as two lists."""
     pixels = images.permute(1, 0, 2, 3).reshape(3, -1).double() / 255.0
     return pixels.mean(dim=1).tolist(), pixels.std(dim=1).tolist()
+
+
+def invert(images: torch.Tensor) -> torch.Tensor:
+    """The other polarity (dark ink on a light page <-> light ink on dark) of uint8 Tensor[..., H, W]."""
+    return 255 - images
 
 
 def normalise(images: torch.Tensor, mean, std) -> torch.Tensor:

@@ -1,9 +1,9 @@
-"""Mistakes in a training run that the user can fix; `tvserve train` and `python -m training.train`
-print them on one line and exit non-zero."""
+"""Errors a user can fix. Each message is one line that says what to do; `python -m
+training.train` (and the `tvserve` CLI) print it without a traceback and exit 1."""
 
 
 class TrainingError(Exception):
-    """A training run that cannot start or did not produce a useful model; the message says what to change."""
+    """A mistake the user can fix (a flag, a missing file, a recipe that does not learn)."""
 
 
 class DatasetError(TrainingError):

@@ -156,11 +156,11 @@ def cmd_soak(args):
     report = soak(args.model, [path.read_bytes() for path in args.images], url=args.url,
                   management_url=args.management_url, token=api_keys.get("inference"),
                   management_token=api_keys.get("management"),
-                  duration=args.duration, concurrency=args.concurrency)
+                  duration=args.duration, concurrency=args.concurrency, min_requests=args.min_requests)
     print(json.dumps(report, indent=2))
     mib = {pid: f"{rss / 2**20:.1f} MiB" for pid, rss in report["rss_end"].items()}
     growth = report["rss_growth"]
-    print(f"{report['requests']} requests in {args.duration:.0f} s, {len(report['errors'])} errors, "
+    print(f"{report['requests']} requests in {report['seconds']:.0f} s, {len(report['errors'])} errors, "
           f"p50 {report['p50_ms']:.1f} ms, p99 {report['p99_ms']:.1f} ms; worker RSS at the end {mib}, "
           f"growth {'n/a' if growth is None else f'{100 * growth:.1f}%'}")
     if report["errors"] or report["workers_replaced"] or growth is None or growth >= args.max_rss_growth:
@@ -243,7 +243,7 @@ def cmd_predict(args):
     token = keys(args).get("inference")
     for image in args.images:
         results = client.predict(args.model, image, url=args.url, topk=args.topk, version=args.model_version,
-                                 token=token)
+                                 token=token, timeout=args.timeout)
         print(f"{image}:")
         for item in results:
             print(f"  {item['probability']:.4f}  {item['label']} ({item['index']})")
@@ -348,6 +348,8 @@ def get_parser(with_training: bool = True):
     soak.add_argument("images", nargs="+", type=Path)
     soak.add_argument("--duration", type=float, default=600, help="s (default 10 minutes)")
     soak.add_argument("--concurrency", type=int, default=4)
+    soak.add_argument("--min-requests", type=int, default=0,
+                      help="go on past --duration until this many requests were answered (at most 10x --duration)")
     soak.add_argument("--max-rss-growth", type=float, default=0.10, help="fail above this fraction")
     soak.set_defaults(func=cmd_soak)
 
@@ -388,6 +390,8 @@ def get_parser(with_training: bool = True):
     predict.add_argument("images", nargs="+", type=Path)
     predict.add_argument("--topk", type=int)
     predict.add_argument("--model-version")
+    predict.add_argument("--timeout", type=float, default=60,
+                         help="seconds to wait for the server's answer to each image (default 60)")
     predict.set_defaults(func=cmd_predict)
 
     describe = commands.add_parser("describe", parents=[management_api, server_files], help="metadata of a .mar file or of a served model")
@@ -400,6 +404,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = get_parser(with_training="train" in argv or not argv or "-h" in argv or "--help" in argv).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if not args.verbose:
+        logging.getLogger("urllib3").setLevel(logging.ERROR)  # tvserve.ops.client logs each retry with its reason
     try:
         args.func(args)
     except (TvserveError, TrainingError) as err:  # mistakes the user can fix: one line

@@ -95,8 +95,10 @@ def tune(record: Record, weights: Path, model_dir: Path, options: ArchiveOptions
         return options, {"name": "eager", "file": None, "selection": {"wanted": "eager"}}
     model = build_model(model_dir, record.model)
     model.load_state_dict(load_state_dict_file(weights), strict=True)
+    workers_rule = {"workers": options.workers, "wanted": options.workers}
     if not options.workers:
-        options = replace(options, workers=choose_workers(model.eval(), record.preset))
+        workers_rule = choose_workers(model.eval(), record.preset)
+        options = replace(options, workers=workers_rule["workers"])
     log.info("choosing %s's backend (%s) for %d worker(s) x %d threads ...", record.name, options.backend,
              options.workers, options.thread_budget())
     backend = select_backend(model.eval(), get_task(record.task, record.labels), record.preset.crop,
@@ -104,6 +106,7 @@ def tune(record: Record, weights: Path, model_dir: Path, options: ArchiveOptions
                              batch=options.batch_size or TIMED_BATCH)
     if not options.batch_size:
         options = replace(options, batch_size=choose_batch_size(backend))
+    backend["selection"]["workers"] = workers_rule
     return options, backend
 
 

@@ -1,17 +1,24 @@
 """A small HTTP client for a running tvserve: predictions and the management API.
 
 Predictions are idempotent, so a prediction that meets a connection error, a 503 (queue full,
-no worker yet) or TorchServe's 507 (the worker died under the request) is retried with bounded
-exponential backoff, honouring the server's Retry-After. With token authorization on, pass the key from the server's key file
-(`read_keys(workdir)`).
+no worker yet) or TorchServe's 507 or 500 "Worker died." (the worker died under the request) is
+retried with bounded exponential backoff, honouring the server's Retry-After (urllib3's Retry, in
+a requests Session).
+A read timeout is not retried: the server took the request and did not answer in time, and a
+retry would wait as long again. With token authorization on, pass the key from the server's key
+file (`read_keys(workdir)`).
 """
 
 import json
 import logging
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ReadTimeoutError
+from urllib3.util.retry import Retry
 
 from tvserve import TvserveError
 
@@ -21,9 +28,11 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
 KEY_FILE = "key_file.json"  # written by TorchServe in its working directory when tokens are on
 RETRIES = 4  # after the first try: 0.5 + 1 + 2 + 4 s of backoff at most
-BACKOFF = 0.5  # s, doubled each retry
+BACKOFF = 0.5  # s before the first retry, doubled each retry after it
 MAX_WAIT = 10.0  # s, the most one Retry-After is honoured for
 RETRY_STATUSES = (503, 507)
+WORKER_DIED = "Worker died."  # TorchServe's message when a worker dies under a request (see worker_died)
+RETRY_METHODS = Retry.DEFAULT_ALLOWED_METHODS | {"POST"}  # a prediction changes nothing on the server
 
 
 def read_keys(workdir) -> dict:
@@ -47,49 +56,102 @@ def error_message(response: requests.Response) -> str:
     return body.get("message", str(body)) if isinstance(body, dict) else str(body)
 
 
-def retry_delay(response, attempt: int) -> float:
-    """Seconds to wait before retry `attempt` (0-based): Retry-After when the server sent one."""
-    retry_after = response.headers.get("Retry-After") if response is not None else None
-    if retry_after and retry_after.strip().isdigit():
-        return min(float(retry_after), MAX_WAIT)
-    return BACKOFF * 2**attempt
+class LoggedRetry(Retry):
+    """urllib3's Retry with this client's policy: a backoff of BACKOFF s before the first retry,
+    doubled each retry after it; Retry-After honoured for at most MAX_WAIT s; read timeouts never
+    retried; and one log line per retry that names its reason ("HTTP 503", or the connection error)."""
+
+    def get_backoff_time(self) -> float:
+        """Seconds before the next retry when the server sent no Retry-After."""
+        return min(self.backoff_max, self.backoff_factor * 2 ** (len(self.history) - 1)) if self.history else 0.0
+
+    def get_retry_after(self, response) -> float:
+        """The server's Retry-After in seconds, capped at MAX_WAIT; None when it sent none."""
+        seconds = super().get_retry_after(response)
+        return None if seconds is None else min(seconds, MAX_WAIT)
+
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
+        if isinstance(error, ReadTimeoutError):
+            raise error  # taken and not answered in time: requests turns it into ReadTimeout
+        return super().increment(method, url, response, error, _pool, _stacktrace)
+
+    def sleep(self, response=None) -> None:
+        """Logs the retry with its reason and waits: Retry-After when given, else the backoff."""
+        retry_after = self.get_retry_after(response) if response is not None else None
+        delay = retry_after or self.get_backoff_time()
+        last = self.history[-1]
+        reason = f"HTTP {last.status}" if last.status else f"connection error: {last.error}"
+        log.info("retrying %s %s in %.1f s (%s)", last.method, last.url, delay, reason)
+        time.sleep(delay)
+
+
+def retry_policy(retries: int = RETRIES) -> LoggedRetry:
+    """Up to `retries` retries of connection errors and RETRY_STATUSES; after the last, the last
+    response is returned as it is (no exception)."""
+    return LoggedRetry(total=retries, allowed_methods=RETRY_METHODS, status_forcelist=RETRY_STATUSES,
+                       backoff_factor=BACKOFF, raise_on_status=False, respect_retry_after_header=True)
+
+
+def with_retries(session: requests.Session, retries: int = RETRIES) -> requests.Session:
+    """`session` with adapters that retry as `retry_policy(retries)` for http:// and https://
+    (mounted once; the same session keeps its connections across calls). Returns `session`."""
+    current = session.get_adapter("http://").max_retries
+    if not (isinstance(current, LoggedRetry) and current.total == retries):
+        adapter = HTTPAdapter(max_retries=retry_policy(retries))
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+    return session
+
+
+def worker_died(response: requests.Response) -> bool:
+    """A 500 with TorchServe's "Worker died.": it answers a request whose worker died with 507 when
+    it has already seen the worker's exit code 137 (SIGKILL, out of memory), and with 500 when it
+    has not (a race in its WorkerThread). The request is as safe to send again as after a 507."""
+    return response.status_code == 500 and error_message(response) == WORKER_DIED
 
 
 def post_with_retries(url: str, *, data: bytes, headers: dict, timeout: float, retries: int = RETRIES,
                       session=requests) -> requests.Response:
-    """POSTs, retrying connection errors and RETRY_STATUSES; returns the last response."""
-    for attempt in range(retries + 1):
-        response = None
-        try:
-            response = session.post(url, data=data, headers=headers, timeout=timeout)
-            if response.status_code not in RETRY_STATUSES:
+    """POSTs, retrying connection errors and RETRY_STATUSES (urllib3's Retry), and a 500 whose
+    worker died (which Retry cannot tell from the status alone); returns the last response.
+    `session` is a requests.Session (its adapters become retrying ones) or the requests module (a
+    session for this call only). Raises requests.ConnectionError when no try connected, and
+    requests.ReadTimeout, at once, when the server took the request but did not answer in `timeout` s."""
+    own = not isinstance(session, requests.Session)
+    http = with_retries(requests.Session() if own else session, retries)
+    try:
+        for attempt in range(retries + 1):
+            response = http.post(url, data=data, headers=headers, timeout=timeout)
+            if attempt == retries or not worker_died(response):
                 return response
-        except requests.ConnectionError:
-            if attempt == retries:
-                raise
-        if attempt < retries:
-            delay = retry_delay(response, attempt)
-            log.info("retrying %s in %.1f s (%s)", url, delay, response.status_code if response else "no connection")
+            delay = BACKOFF * 2**attempt
+            log.info("retrying POST %s in %.1f s (HTTP 500: %s)", urlsplit(url).path, delay, WORKER_DIED)
             time.sleep(delay)
-    return response
+    finally:
+        if own:
+            http.close()
 
 
 def predict(model: str, image, *, url: str = DEFAULT_URL, topk: int = None, version: str = None,
             token: str = None, timeout: float = 60, retries: int = RETRIES, session=requests) -> list:
     """Top-k of one image (a path or bytes): [{"label", "index", "probability"}, ...].
-    Pass a requests.Session as `session` to keep one connection across many predictions."""
+    Pass a requests.Session as `session` to keep one connection across many predictions (its
+    adapters are replaced by retrying ones). `timeout` is in seconds, for the connection and for
+    the answer."""
     data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
     path = f"{url}/predictions/{model}" + (f"/{version}" if version else "")
     headers = {**bearer(token), **({"X-TopK": str(topk)} if topk is not None else {})}  # /predictions drops ?topk
     try:
         response = post_with_retries(path, data=data, headers=headers, timeout=timeout, retries=retries,
                                      session=session)
+    except requests.ReadTimeout:
+        raise TvserveError(f"{model}: the server at {url} took the request but did not answer within {timeout:g} s. "
+                           "It may be overloaded or the model slow: try again, or allow longer (--timeout).") from None
     except requests.ConnectionError:
         raise TvserveError(f"No server answers at {url}. Start one with `make serve` or `tvserve serve`.") from None
     if response.status_code != 200:
         raise TvserveError(f"{model}: HTTP {response.status_code}: {error_message(response)}")
     return response.json()
-
 
 def management(method: str, path: str, *, management_url: str, token: str = None, timeout: float = 120,
                **params):

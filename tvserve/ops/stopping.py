@@ -8,6 +8,7 @@ import signal
 import time
 from pathlib import Path
 
+import psutil
 import requests
 
 from tvserve.ops.management import pending_requests
@@ -15,6 +16,18 @@ from tvserve.ops.management import pending_requests
 log = logging.getLogger(__name__)
 
 DRAIN_SECONDS = 30  # the longest a stop waits for accepted requests to finish
+
+
+def busy_workers(busy_dir: Path) -> list:
+    """Markers of workers inside a batch (each named by its PID); a dead worker's marker (kill -9
+    leaves it behind) is removed, so a stop does not wait for it."""
+    live = []
+    for marker in Path(busy_dir).glob("*"):
+        if marker.name.isdigit() and psutil.pid_exists(int(marker.name)):
+            live.append(marker)
+        else:
+            marker.unlink(missing_ok=True)
+    return live
 
 
 def drain(management_url: str, token: str, busy_dir: Path, timeout: float) -> bool:
@@ -30,7 +43,7 @@ def drain(management_url: str, token: str, busy_dir: Path, timeout: float) -> bo
             pending = sum(pending_requests(management_url, token).values())
         except (requests.RequestException, ValueError):
             return False  # nothing more can be learned; stop anyway
-        busy = any(Path(busy_dir).glob("*"))
+        busy = bool(busy_workers(busy_dir))
         idle_polls = idle_polls + 1 if not pending and not busy else 0
         if idle_polls >= 2:
             return True

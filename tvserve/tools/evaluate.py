@@ -1,5 +1,6 @@
 """Accuracy and confusion matrix of a checkpoint on its validation split, in-process and through
-a running server; the two must agree."""
+a running server; the two must agree. `inverted` scores the same images with their polarity
+inverted (255 - pixel: dark digits on a light page instead of the scans' light on dark)."""
 
 import io
 
@@ -7,7 +8,7 @@ import requests
 import torch
 import torchvision.transforms.functional as TF
 
-from training.data import load_dataset, normalise
+from training.data import invert, load_dataset, normalise
 from training.models import build_model
 from tvserve import TvserveError
 from tvserve.build.weights import load_checkpoint
@@ -52,20 +53,24 @@ def confusion_matrix(labels: torch.Tensor, predictions: torch.Tensor, n_classes:
     return torch.bincount(labels * n_classes + predictions, minlength=n_classes**2).reshape(n_classes, n_classes)
 
 
-def report(name: str, labels, predictions, classes) -> dict:
+def report(name: str, labels, predictions, classes, *, inverted: bool = False) -> dict:
     matrix = confusion_matrix(labels, predictions, len(classes))
-    return {"source": name, "accuracy": (labels == predictions).float().mean().item(),
+    return {"source": name, "inverted": inverted, "accuracy": (labels == predictions).float().mean().item(),
             "confusion_matrix": matrix.tolist(), "classes": list(classes), "n": len(labels)}
 
 
-def evaluate(checkpoint_path, *, dataset=None, data_dir=None, url=None, model=None) -> list:
-    """Reports (accuracy, confusion matrix) in-process and, with `url` and `model`, served."""
+def evaluate(checkpoint_path, *, dataset=None, data_dir=None, url=None, model=None, inverted=False) -> list:
+    """Reports (accuracy, confusion matrix) in-process and, with `url` and `model`, served;
+    with `inverted`, of the validation images with their polarity inverted."""
     checkpoint = load_checkpoint(checkpoint_path)
     images, labels = validation_split(checkpoint, dataset, data_dir)
-    reports = [report("in-process", labels, predict_in_process(checkpoint, images), checkpoint["classes"])]
+    if inverted:
+        images = invert(images)
+    classes = checkpoint["classes"]
+    reports = [report("in-process", labels, predict_in_process(checkpoint, images), classes, inverted=inverted)]
     if url:
         served = predict_served(images, url=url, model=model)
-        reports.append(report(f"{url}/predictions/{model}", labels, served, checkpoint["classes"]))
+        reports.append(report(f"{url}/predictions/{model}", labels, served, classes, inverted=inverted))
     return reports
 
 
@@ -73,7 +78,8 @@ def format_report(result: dict) -> str:
     classes = result["classes"]
     first = max(len("true\\pred"), *(len(c) for c in classes))
     width = max(5, *(len(c) for c in classes))
-    lines = [f"{result['source']}: accuracy {100 * result['accuracy']:.2f}% on {result['n']} validation images",
+    polarity = ", inverted" if result.get("inverted") else ""
+    lines = [f"{result['source']}: accuracy {100 * result['accuracy']:.2f}% on {result['n']} validation images{polarity}",
              "true\\pred".ljust(first) + " " + " ".join(c.rjust(width) for c in classes)]
     for name, row in zip(classes, result["confusion_matrix"]):
         lines.append(name.ljust(first) + " " + " ".join(str(v).rjust(width) for v in row))

@@ -12,6 +12,7 @@ from tvserve.ops.client import bearer
 from tvserve.ops.management import model_versions
 
 WARM_UP_REQUESTS = 50  # before the first RSS reading: allocator pools reach their steady size
+MAX_OVERRUN = 10  # a soak with a request floor stops at this many times its duration in any case
 
 
 def worker_rss(management_url: str, model: str, token: str = None) -> dict:
@@ -21,8 +22,10 @@ def worker_rss(management_url: str, model: str, token: str = None) -> dict:
 
 
 def soak(model: str, images: list, *, url: str, management_url: str, token: str = None,
-         management_token: str = None, duration: float = 600, concurrency: int = 4, timeout: float = 30) -> dict:
-    """Sends `images` (bytes) round-robin from `concurrency` threads for `duration` seconds.
+         management_token: str = None, duration: float = 600, concurrency: int = 4, timeout: float = 30,
+         min_requests: int = 0) -> dict:
+    """Sends `images` (bytes) round-robin from `concurrency` threads for `duration` seconds, and on
+    until `min_requests` were answered (on a slow machine), at most MAX_OVERRUN times `duration`.
     `token` and `management_token` are the server's inference and management keys, if it has any."""
     target = f"{url}/predictions/{model}"
     headers = bearer(token)
@@ -31,12 +34,17 @@ def soak(model: str, images: list, *, url: str, management_url: str, token: str 
             session.post(target, data=image, headers=headers, timeout=timeout)
     rss_start = worker_rss(management_url, model, management_token)
     latencies, errors, lock = [], [], threading.Lock()
-    deadline = time.monotonic() + duration
+    started_at = time.monotonic()
+    deadline, cap = started_at + duration, started_at + MAX_OVERRUN * duration
+
+    def done() -> bool:
+        now = time.monotonic()
+        return now >= cap or (now >= deadline and len(latencies) >= min_requests)
 
     def load(offset: int):
         with requests.Session() as session:
             for image in itertools.islice(itertools.cycle(images), offset, None):
-                if time.monotonic() >= deadline:
+                if done():
                     return
                 started = time.monotonic()
                 try:
@@ -58,7 +66,8 @@ def soak(model: str, images: list, *, url: str, management_url: str, token: str 
     growth = max((rss_end[pid] / rss_start[pid] - 1 for pid in rss_start if pid in rss_end), default=None)
     latencies.sort()
     return {
-        "model": model, "seconds": duration, "concurrency": concurrency, "requests": len(latencies),
+        "model": model, "seconds": round(time.monotonic() - started_at, 1), "concurrency": concurrency,
+        "requests": len(latencies),
         "errors": errors, "p50_ms": 1000 * latencies[len(latencies) // 2] if latencies else None,
         "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)] if latencies else None,
         "rss_start": rss_start, "rss_end": rss_end, "rss_growth": growth,
