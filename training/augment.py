@@ -4,8 +4,8 @@ randomly altered batch of the same shape and dtype, each image drawn independent
     photo   a random HxW crop of each image padded by 4 (reflected), flipped left-right half of
             the time: for photos (CIFAR, image folders of objects). What `--augment` alone is.
     digits  for handwriting, so that neither polarity nor stroke width decides the answer: a
-            small random rotation, shear, shift and shrink (a digit drawn with margins on a big
-            page still reads), strokes thickened or thinned by a 3x3 max or min filter, random
+            small random rotation, shear, shift, shrink and narrowing (a digit drawn with margins
+            on a big page, or by a narrow hand, still reads), strokes thickened or thinned by a 3x3 max or min filter, random
             ink and paper levels, and dark ink on a light page half of the time.
 
 The digits policy expects images as the training scans show them (light ink on a dark ground)
@@ -23,6 +23,7 @@ DIGITS = {
     "degrees": 10.0,      # rotation, uniform in +-degrees
     "shear": 0.1,         # horizontal shear factor, uniform in +-shear (a slanted hand)
     "scale": (0.5, 1.05),  # digit size relative to the scans, which fill the frame
+    "aspect": (0.6, 1.1),  # width relative to height, times the scans' (a narrow hand draws tall digits)
     "translate": 0.1,     # shift, uniform in +- this fraction of the width and of the height
     "stroke": 1 / 3,      # probability of thicker strokes, and of thinner ones
     "paper": (0, 50),     # uint8 level the scans' ground (0) is mapped to
@@ -59,9 +60,11 @@ def random_affine(images: torch.Tensor) -> torch.Tensor:
     angle = torch.deg2rad(uniform(n, -DIGITS["degrees"], DIGITS["degrees"]))
     shear = uniform(n, -DIGITS["shear"], DIGITS["shear"])
     scale = uniform(n, *DIGITS["scale"])
+    aspect = uniform(n, *DIGITS["aspect"])  # sampling at x / aspect draws the digit aspect times as wide
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin + shear * cos, uniform(n, -2, 2) * DIGITS["translate"]], dim=1),
-                         torch.stack([sin, cos + shear * sin, uniform(n, -2, 2) * DIGITS["translate"]], dim=1)], dim=1)
+    theta = torch.stack([torch.stack([cos / aspect, -sin + shear * cos, uniform(n, -2, 2) * DIGITS["translate"]], dim=1),
+                         torch.stack([sin / aspect, cos + shear * sin, uniform(n, -2, 2) * DIGITS["translate"]], dim=1)],
+                        dim=1)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
