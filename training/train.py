@@ -61,7 +61,7 @@ def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help
     )
-    # Defaults: the book's settings (SGD, lr 1e-2, batch 64) plus momentum, which digits likes.
+    # Defaults: the book's SGD at batch 64; --lr and --momentum left out come from RECIPES.
     parser.add_argument("--model", default="Net", choices=list(ARCHITECTURES))
     parser.add_argument("--n-chans1", type=int, default=32, help="first conv's channels (all but Net)")
     parser.add_argument("--n-blocks", type=int, default=10, help="residual blocks (NetResDeep)")
