@@ -68,4 +68,5 @@ def test_validation_accuracy_in_both_polarities(digits_run):
     (plain,) = evaluate(digits_run / "checkpoint.pt")
     (inverted,) = evaluate(digits_run / "checkpoint.pt", inverted=True)
     assert inverted["inverted"] and not plain["inverted"] and inverted["n"] == plain["n"] == 359
-    assert plain["accuracy"] > 0.9 and inverted["accuracy"] > 0.9
+    # A model trained without --augment digits gets under 1% of the inverted scans right.
+    assert plain["accuracy"] > 0.85 and inverted["accuracy"] > 0.85
