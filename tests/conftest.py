@@ -15,7 +15,7 @@ from tvserve.ops.server import Server
 from tvserve.tools.photos import PHOTOS  # noqa: F401 - the tests import it from here
 
 from helpers import REPO
-DIGITS_EPOCHS = 10
+DIGITS_EPOCHS = 20  # with the digits augmentation: both polarities above 85% (tests/test_digits.py)
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +28,8 @@ def digits_run(work):
     """A short real training run of the book's Net on digits; returns its run folder."""
     out = work / "runs" / "digits"
     args = get_args_parser().parse_args(
-        ["--model", "Net", "--dataset", "digits", "--epochs", str(DIGITS_EPOCHS), "--out", str(out), "--quiet"]
+        ["--model", "Net", "--dataset", "digits", "--augment", "digits", "--batch-size", "32",
+         "--epochs", str(DIGITS_EPOCHS), "--out", str(out), "--quiet"]
     )
     train_main(args)
     return out

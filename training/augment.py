@@ -1,80 +1,107 @@
-"""Augmentation policies for training images: uint8 Tensor[3, 32, 32] in, the same out.
+"""Augmentation policies: each maps a batch of training images, uint8 Tensor[N, 3, H, W], to a
+randomly altered batch of the same shape and dtype, each image drawn independently.
 
-    photo   random 32x32 crop of the image padded by 4 (reflected) and a horizontal flip: for
-            photos (CIFAR, image folders of objects). What `--augment` alone chooses.
+    photo   a random HxW crop of each image padded by 4 (reflected), flipped left-right half of
+            the time: for photos (CIFAR, image folders of objects). What `--augment` alone is.
     digits  for handwriting, so that neither polarity nor stroke width decides the answer: a
-            small random rotation, shift and shrink (a digit drawn with margins on a big page
-            still reads), strokes thickened or thinned by a 3x3 max or min filter, random ink
-            and paper levels, and dark ink on a light page half of the time.
+            small random rotation, shear, shift, shrink and narrowing (a digit drawn with margins
+            on a big page, or by a narrow hand, still reads), strokes thickened or thinned by a 3x3 max or min filter, random
+            ink and paper levels, and dark ink on a light page half of the time.
 
-The digits policy expects images as the training scans show them (light ink on dark ground) and
-is only ever applied in training: the served preprocessing stays the archive's plain preset.
-All randomness comes from torch's global generator, so `--seed` repeats a run and `--resume`
-carries on exactly.
+The digits policy expects images as the training scans show them (light ink on a dark ground)
+and is only applied in training: the served preprocessing stays the archive's plain preset.
+Whole batches are transformed at once (a per-image loop costs more than the training itself on
+a small CPU). All randomness comes from torch's global generator, so `--seed` repeats a run and
+`--resume` carries on exactly.
 """
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 
-from training.models import INPUT_SIZE
-
-DIGITS_AFFINE = dict(degrees=10, translate=(0.1, 0.1), scale=(0.55, 1.05), shear=5)
-LEVELS = dict(ink=(190, 255), paper=(0, 50))  # uint8 ranges the scans' 255 and 0 are mapped to
-
-
-def photo() -> v2.Transform:
-    return v2.Compose([v2.RandomCrop(INPUT_SIZE, padding=4, padding_mode="reflect"), v2.RandomHorizontalFlip()])
-
-
-def uniform(low: float, high: float) -> float:
-    return low + (high - low) * torch.rand(()).item()
-
-
-class StrokeWidth(torch.nn.Module):
-    """Thickens (3x3 max filter) or thins (3x3 min filter) light strokes on a dark ground, each
-    with probability `p`; otherwise leaves the image alone."""
-
-    def __init__(self, p: float = 1 / 3):
-        super().__init__()
-        self.p = p
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        draw = torch.rand(()).item()
-        if draw >= 2 * self.p:
-            return image
-        sign = 1.0 if draw < self.p else -1.0  # max filter thickens, min filter (= -max(-x)) thins
-        pooled = sign * F.max_pool2d(sign * image.unsqueeze(0).float(), 3, stride=1, padding=1)
-        return pooled[0].round().to(torch.uint8)
+PHOTO_PADDING = 4  # pixels of reflected border the crop may shift into
+DIGITS = {
+    "degrees": 10.0,      # rotation, uniform in +-degrees
+    "shear": 0.1,         # horizontal shear factor, uniform in +-shear (a slanted hand)
+    "scale": (0.5, 1.05),  # digit size relative to the scans, which fill the frame
+    "aspect": (0.6, 1.1),  # width relative to height, times the scans' (a narrow hand draws tall digits)
+    "translate": 0.1,     # shift, uniform in +- this fraction of the width and of the height
+    "stroke": 1 / 3,      # probability of thicker strokes, and of thinner ones
+    "paper": (0, 50),     # uint8 level the scans' ground (0) is mapped to
+    "ink": (190, 255),    # uint8 level the scans' full ink (255) is mapped to
+    "invert": 0.5,        # probability of dark ink on a light page
+}
 
 
-class InkLevels(torch.nn.Module):
-    """Maps the ground (0) and full ink (255) to random levels: grey paper, faint or dark ink."""
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        paper, ink = uniform(*LEVELS["paper"]), uniform(*LEVELS["ink"])
-        return (paper + image.float() * ((ink - paper) / 255.0)).round().clamp(0, 255).to(torch.uint8)
+def uniform(n: int, low: float, high: float) -> torch.Tensor:
+    """Tensor[n] float32, uniform in [low, high)."""
+    return low + (high - low) * torch.rand(n)
 
 
-class RandomInvert(torch.nn.Module):
-    """255 - image with probability `p`: light ink on dark becomes dark ink on light."""
+def photo(images: torch.Tensor) -> torch.Tensor:
+    """Random crop after reflect padding, and a random horizontal flip, per image."""
+    n, _, height, width = images.shape
+    padded = F.pad(images.float(), [PHOTO_PADDING] * 4, mode="reflect")
+    top = torch.randint(0, 2 * PHOTO_PADDING + 1, (n, 1))
+    left = torch.randint(0, 2 * PHOTO_PADDING + 1, (n, 1))
+    rows = (top + torch.arange(height))[:, None, :, None]   # [N, 1, H, 1]
+    cols = (left + torch.arange(width))[:, None, None, :]   # [N, 1, 1, W]
+    batch = torch.arange(n)[:, None, None, None]
+    channels = torch.arange(images.shape[1])[None, :, None, None]
+    cropped = padded[batch, channels, rows, cols]
+    flip = torch.rand(n) < 0.5
+    cropped[flip] = cropped[flip].flip(-1)
+    return cropped.to(torch.uint8)
 
-    def __init__(self, p: float = 0.5):
-        super().__init__()
-        self.p = p
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return 255 - image if torch.rand(()).item() < self.p else image
+def random_affine(images: torch.Tensor) -> torch.Tensor:
+    """float Tensor[N, C, H, W] rotated, sheared, scaled and shifted per image, ground filled with 0.
+    The sampling grid maps output to input coordinates, so a scale s samples the input at 1/s."""
+    n = images.shape[0]
+    angle = torch.deg2rad(uniform(n, -DIGITS["degrees"], DIGITS["degrees"]))
+    shear = uniform(n, -DIGITS["shear"], DIGITS["shear"])
+    scale = uniform(n, *DIGITS["scale"])
+    aspect = uniform(n, *DIGITS["aspect"])  # sampling at x / aspect draws the digit aspect times as wide
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos / aspect, -sin + shear * cos, uniform(n, -2, 2) * DIGITS["translate"]], dim=1),
+                         torch.stack([sin / aspect, cos + shear * sin, uniform(n, -2, 2) * DIGITS["translate"]], dim=1)],
+                        dim=1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def digits() -> v2.Transform:
-    return v2.Compose([v2.RandomAffine(**DIGITS_AFFINE, interpolation=v2.InterpolationMode.BILINEAR, fill=0),
-                       StrokeWidth(), InkLevels(), RandomInvert()])
+def stroke_width(images: torch.Tensor) -> torch.Tensor:
+    """float Tensor[N, C, H, W] of light strokes on a dark ground: per image, thickened by a 3x3
+    max filter, thinned by a 3x3 min filter, or left alone."""
+    draw = torch.rand(images.shape[0])[:, None, None, None]
+    thick = F.max_pool2d(images, 3, stride=1, padding=1)
+    thin = -F.max_pool2d(-images, 3, stride=1, padding=1)
+    p = DIGITS["stroke"]
+    return torch.where(draw < p, thick, torch.where(draw < 2 * p, thin, images))
+
+
+def ink_levels(images: torch.Tensor) -> torch.Tensor:
+    """float Tensor[N, C, H, W] in 0..255 with 0 and 255 mapped to random paper and ink levels."""
+    n = images.shape[0]
+    paper = uniform(n, *DIGITS["paper"])[:, None, None, None]
+    ink = uniform(n, *DIGITS["ink"])[:, None, None, None]
+    return paper + images * ((ink - paper) / 255.0)
+
+
+def invert(images: torch.Tensor, p: float) -> torch.Tensor:
+    """255 - image for each image with probability `p`."""
+    flip = (torch.rand(images.shape[0]) < p)[:, None, None, None]
+    return torch.where(flip, 255.0 - images, images)
+
+
+def digits(images: torch.Tensor) -> torch.Tensor:
+    """The handwriting policy (see the module's docstring) on uint8 Tensor[N, 3, H, W]."""
+    out = ink_levels(stroke_width(random_affine(images.float())))
+    return invert(out, DIGITS["invert"]).round().clamp(0, 255).to(torch.uint8)
 
 
 AUGMENTATIONS = {"photo": photo, "digits": digits}
 
 
 def augmentation(policy: str):
-    """The transform of `policy` (a key of AUGMENTATIONS), or None for no policy."""
-    return None if policy in (None, "none") else AUGMENTATIONS[policy]()
+    """The batch transform of `policy` (a key of AUGMENTATIONS), or None for no policy."""
+    return None if policy in (None, "none") else AUGMENTATIONS[policy]

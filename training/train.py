@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from training.augment import AUGMENTATIONS, augmentation
@@ -61,7 +61,7 @@ def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=add_help
     )
-    # Defaults: the book's settings (SGD, lr 1e-2, batch 64) plus momentum, which digits likes.
+    # Defaults: the book's SGD at batch 64; --lr and --momentum left out come from RECIPES.
     parser.add_argument("--model", default="Net", choices=list(ARCHITECTURES))
     parser.add_argument("--n-chans1", type=int, default=32, help="first conv's channels (all but Net)")
     parser.add_argument("--n-blocks", type=int, default=10, help="residual blocks (NetResDeep)")
@@ -85,20 +85,19 @@ def get_args_parser(add_help=True):
     return parser
 
 
-class ImageTensors(Dataset):
-    """uint8 images, normalised per item after optional augmentation (training only)."""
+class Batches:
+    """DataLoader's collate_fn: stacks (uint8 image, label) items, augments the batch (training
+    only) and normalises it. Returns (float32 Tensor[N, 3, H, W], int64 Tensor[N])."""
 
-    def __init__(self, images, labels, mean, std, augment=None):
-        self.images, self.labels, self.mean, self.std, self.augment = images, labels, mean, std, augment
+    def __init__(self, mean, std, augment=None):
+        self.mean, self.std, self.augment = mean, std, augment
 
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, index):
-        image = self.images[index]
+    def __call__(self, items):
+        images = torch.stack([image for image, _ in items])
+        labels = torch.stack([label for _, label in items])
         if self.augment is not None:
-            image = self.augment(image)
-        return normalise(image.unsqueeze(0), self.mean, self.std)[0], self.labels[index]
+            images = self.augment(images)
+        return normalise(images, self.mean, self.std), labels
 
 
 def fill_defaults(args):
@@ -121,9 +120,9 @@ def default_run_folder(model: str, dataset: str) -> Path:
 
 
 def augmented_once(images: torch.Tensor, augment) -> torch.Tensor:
-    """uint8 Tensor[N, 3, H, W]: each image through `augment` once (as is without a policy), so the
-    mean and std are those of the pixels the model trains on (half inverted, for the digits policy)."""
-    return images if augment is None else torch.stack([augment(image) for image in images])
+    """uint8 Tensor[N, 3, H, W]: the images through `augment` once (as they are without a policy), so
+    the mean and std are those of the pixels the model trains on (half inverted, for the digits policy)."""
+    return images if augment is None else augment(images)
 
 
 def l2_penalty(model) -> torch.Tensor:
@@ -228,18 +227,26 @@ def chance_threshold(labels: torch.Tensor) -> float:
     return rate + 2 * math.sqrt(rate * (1 - rate) / len(labels))
 
 
+def lr_advice(args) -> str:
+    """The --lr to try next: the architecture's recipe when another was given, else a third of it."""
+    recipe = RECIPES[args.model]["lr"]
+    if args.lr != recipe:
+        return f"--lr {recipe:g} ({args.model}'s recipe)"
+    return f"a lower --lr, e.g. {args.lr / 3:.1g}"
+
+
 def diverged_error(args, epoch: int, loss: float) -> TrainingError:
     return TrainingError(
         f"{args.model} diverged at epoch {epoch} (training loss {loss}) with --lr {args.lr:g} --momentum "
-        f"{args.momentum:g}: lower --lr (e.g. --lr {args.lr / 3:.1g}); no checkpoint.pt was kept.")
+        f"{args.momentum:g}: try {lr_advice(args)}; no checkpoint.pt was kept.")
 
 
 def chance_error(args, best: dict, val_labels: torch.Tensor) -> TrainingError:
     return TrainingError(
         f"{args.model} did not learn: its best validation accuracy {best['val_accuracy']:.1%} is no better than "
         f"always answering the most common class ({majority_rate(val_labels):.1%} of {len(val_labels)} images) "
-        f"with --lr {args.lr:g} --momentum {args.momentum:g} over {args.epochs} epochs: try a lower --lr "
-        f"(e.g. {args.lr / 3:.1g}) or more --epochs (--resume carries on); no checkpoint.pt was kept.")
+        f"with --lr {args.lr:g} --momentum {args.momentum:g} over {args.epochs} epochs: try {lr_advice(args)}, "
+        f"or more --epochs (--resume carries on); no checkpoint.pt was kept.")
 
 
 def last_state(out: Path) -> Path:
@@ -273,11 +280,11 @@ def main(args):
     split = load_dataset(args.dataset, data_dir=args.data_dir, val_fraction=args.val_fraction, seed=args.seed)
     augment = augmentation(args.augment)
     mean, std = channel_stats(augmented_once(split.train_images, augment))
-    train_set = ImageTensors(split.train_images, split.train_labels, mean, std, augment)
-    val_set = ImageTensors(split.val_images, split.val_labels, mean, std)
     shuffle = torch.Generator().manual_seed(args.seed)
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, generator=shuffle)
-    val_loader = DataLoader(val_set, batch_size=256)
+    train_loader = DataLoader(TensorDataset(split.train_images, split.train_labels), batch_size=args.batch_size,
+                              shuffle=True, generator=shuffle, collate_fn=Batches(mean, std, augment))
+    val_loader = DataLoader(TensorDataset(split.val_images, split.val_labels), batch_size=256,
+                            collate_fn=Batches(mean, std))
 
     arch_args = architecture_args(args, len(split.classes))
     model = build_model(args.model, **arch_args)

@@ -123,7 +123,7 @@ def cmd_evaluate(args):
     from tvserve.tools.evaluate import evaluate, format_report
 
     reports = evaluate(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
-                       url=args.url, model=args.model)
+                       url=args.url, model=args.model, inverted=args.inverted)
     print(json.dumps(reports, indent=2) if args.json else "\n\n".join(map(format_report, reports)))
     if len(reports) == 2 and reports[0]["confusion_matrix"] != reports[1]["confusion_matrix"]:
         raise TvserveError("The served model does not agree with the checkpoint in-process.")
@@ -340,6 +340,8 @@ def get_parser(with_training: bool = True):
     evaluate.add_argument("--data-dir", type=Path)
     evaluate.add_argument("--url", help="inference URL of a server serving the checkpoint")
     evaluate.add_argument("--model", help="the served model's name (with --url)")
+    evaluate.add_argument("--inverted", action="store_true",
+                          help="score the validation images with their polarity inverted (dark digits on white)")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
 
