@@ -8,6 +8,9 @@ loaded with the worker's own code and the worker's thread count, and
    that fails to export or differs more is dropped;
  - timed: the median forward after a warm-up, per image, at batch 1 and at the served batch size.
 `auto` keeps the fastest that passed (eager always passes). The report goes into tvserve.json.
+Detection and segmentation models take images of their own sizes (a list, or one forward each),
+which the exporters here are not made for: they run eager, timed the same way on a preprocessed
+0.5 MP photo, and the report says why the others were not tried (select_eager).
 The same timings decide what an archive leaves to the machine: its workers (choose_workers) and
 its batch size (choose_batch_size).
 """
@@ -123,6 +126,33 @@ def select_backend(model: torch.nn.Module, task, crop: int, threads: int, wanted
                           "candidates": [{k: v for k, v in c.items() if k != "file"} for c in candidates]}}
 
 
+def select_eager(model: torch.nn.Module, task, preset: Preset, threads: int, wanted: str, batch: int = 1) -> dict:
+    """select_backend for tasks whose images keep their own sizes: eager only, timed per image on
+    the preprocessed sample photo at batch 1 and at the served batch size (at most TIMED_BATCH)."""
+    if wanted not in ("auto", "eager"):
+        raise TvserveError(f"Backend {wanted} cannot serve this model: {task.name} models take images of their "
+                           "own sizes, which tvserve's exports are not checked for. Use --backend auto or eager.")
+    previous = torch.get_num_threads()
+    set_threads(threads)
+    try:
+        image = PilPreprocessing(preset)(sample_jpeg())
+        eager = load_runner("eager", model=model.eval())
+        size = min(batch, TIMED_BATCH)
+        with torch.inference_mode():
+            alone = median_ms({"eager": lambda b: task.forward(eager, b)}, task.batch([image]))["eager"]
+            together = (median_ms({"eager": lambda b: task.forward(eager, b)}, task.batch([image] * size))["eager"]
+                        if size > 1 else alone)
+    finally:
+        torch.set_num_threads(previous)
+    log.info("backend eager: %.1f ms/image (%s: exports not tried)", alone, task.name)
+    eager_report = {"name": "eager", "parity": 0.0, "ms_batch_1": round(alone, 3),
+                    f"ms_batch_{size}": round(together / size, 3), "ms": round(max(alone, together / size), 3)}
+    others = [{"name": name, "error": f"not tried: {task.name} models take images of their own sizes"}
+              for name in BACKENDS if name != "eager"]
+    return {"name": "eager", "file": None,
+            "selection": {"wanted": wanted, "threads": threads, "cpu": cpu_name(), "candidates": [eager_report, *others]}}
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -158,7 +188,7 @@ def sample_jpeg(width: int = 866, height: int = 577) -> bytes:
     return buffer.getvalue()
 
 
-def choose_workers(model: torch.nn.Module, preset: Preset) -> int:
+def choose_workers(model: torch.nn.Module, preset: Preset, task) -> int:
     """One worker per core (at most MAX_AUTO_WORKERS, one thread each) when preprocessing a 0.5 MP
     photo takes longer than the model's forward on one thread: decoding is then the work, and a
     worker decodes on one core only. Else one worker with every core's threads."""
@@ -170,9 +200,10 @@ def choose_workers(model: torch.nn.Module, preset: Preset) -> int:
     set_threads(1)
     try:
         eager = load_runner("eager", model=model)
-        image = torch.randn(1, 3, preset.crop, preset.crop)
+        example = task.batch([preprocess(data)])  # the photo as the model takes it
         with torch.inference_mode():
-            timings = median_ms({"forward": eager, "preprocess": lambda _: preprocess(data)}, image)
+            timings = median_ms({"forward": lambda batch: task.forward(eager, batch),
+                                 "preprocess": lambda _: preprocess(data)}, example)
     finally:
         torch.set_num_threads(previous)
     workers = min(cores, MAX_AUTO_WORKERS) if timings["forward"] < timings["preprocess"] else 1
