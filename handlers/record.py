@@ -80,9 +80,9 @@ class Preset:
     jpeg_draft: bool = False
 
     def to_dict(self) -> dict:
-        out = {"resize": self.resize, "crop": self.crop, "interpolation": self.interpolation,
+        out = {"resize": self.resize, "crop": self.crop, "interpolation": self.interpolation if self.resize else None,
                "mean": self.mean, "std": self.std}
-        out = {key: value for key, value in out.items() if value is not None}
+        out = {key: value for key, value in out.items() if value is not None}  # steps the preset leaves out
         return {**out, "jpeg_draft": True} if self.jpeg_draft else out
 
     @classmethod

@@ -28,6 +28,9 @@ def classification_models() -> list:
     return list_models(module=torchvision.models)
 
 
+TASK_ORDER = ("classification", "detection", "instance_segmentation", "keypoints", "semantic_segmentation")
+
+
 def task_of(name: str) -> str:
     """The task of torchvision model `name` (a classification model when in no other module)."""
     if name in list_models(module=torchvision.models.segmentation):
@@ -41,9 +44,9 @@ def models_by_task() -> dict:
     """{task: [model names]} for every pretrained torchvision model tvserve archives."""
     names = (classification_models() + list_models(module=torchvision.models.detection)
              + list_models(module=torchvision.models.segmentation))
-    tasks = {}
+    tasks = {task: [] for task in TASK_ORDER}
     for name in names:
-        tasks.setdefault(task_of(name), []).append(name)
+        tasks[task_of(name)].append(name)
     return tasks
 
 
