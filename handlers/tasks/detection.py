@@ -103,7 +103,10 @@ class Detection:
 
     @staticmethod
     def forward(runner, batch: list) -> list:
-        return runner(batch)
+        """One forward per image: an R-CNN's transform pads a batch to its largest image, which
+        moves its proposals, so an answer would depend on its batch-mates. On a CPU a batch saves
+        little (the archive's sizing measures it, see tvserve/build/tuning.py)."""
+        return [runner([image])[0] for image in batch]
 
     @staticmethod
     def scores(outputs: list) -> list:

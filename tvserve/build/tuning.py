@@ -43,19 +43,20 @@ RUNS_PER_TURN = 3
 TURN_PAUSE_S = 0.02
 
 
-def median_ms(runners: dict, batch: torch.Tensor) -> dict:
-    """{name: median ms of one forward of `batch`}. The runners take turns, a few forwards each,
+def median_ms(runners: dict, batch: torch.Tensor, warmup: int = WARMUP_RUNS, per_turn: int = RUNS_PER_TURN) -> dict:
+    """{name: median ms of one forward of `batch`}. The runners take turns, `per_turn` forwards each,
     round after round, so that a load spike on the machine hits them all alike; a short pause
-    before each turn lets the previous runtime's threads go idle (some spin for a while)."""
+    before each turn lets the previous runtime's threads go idle (some spin for a while). Models
+    of seconds per forward (Mask R-CNN on 2 cores) take fewer warm-up and per-turn runs."""
     for runner in runners.values():
-        for _ in range(WARMUP_RUNS):
+        for _ in range(warmup):
             runner(batch)
     times = {name: [] for name in runners}
     deadline = time.perf_counter() + TIME_BUDGET_S * len(runners)
     while len(next(iter(times.values()))) < MAX_RUNS:
         for name, runner in runners.items():
             time.sleep(TURN_PAUSE_S)
-            for _ in range(RUNS_PER_TURN):
+            for _ in range(per_turn):
                 start = time.perf_counter()
                 runner(batch)
                 times[name].append((time.perf_counter() - start) * 1000)
@@ -138,10 +139,10 @@ def select_eager(model: torch.nn.Module, task, preset: Preset, threads: int, wan
         image = PilPreprocessing(preset)(sample_jpeg())
         eager = load_runner("eager", model=model.eval())
         size = min(batch, TIMED_BATCH)
+        runners = {"eager": lambda b: task.forward(eager, b)}
         with torch.inference_mode():
-            alone = median_ms({"eager": lambda b: task.forward(eager, b)}, task.batch([image]))["eager"]
-            together = (median_ms({"eager": lambda b: task.forward(eager, b)}, task.batch([image] * size))["eager"]
-                        if size > 1 else alone)
+            alone = median_ms(runners, task.batch([image]), warmup=1, per_turn=1)["eager"]
+            together = median_ms(runners, task.batch([image] * size), warmup=1, per_turn=1)["eager"] if size > 1 else alone
     finally:
         torch.set_num_threads(previous)
     log.info("backend eager: %.1f ms/image (%s: exports not tried)", alone, task.name)
@@ -202,8 +203,9 @@ def choose_workers(model: torch.nn.Module, preset: Preset, task) -> int:
         eager = load_runner("eager", model=model)
         example = task.batch([preprocess(data)])  # the photo as the model takes it
         with torch.inference_mode():
+            runs = {} if torch.is_tensor(example) else {"warmup": 1, "per_turn": 1}  # list inputs: detection models
             timings = median_ms({"forward": lambda batch: task.forward(eager, batch),
-                                 "preprocess": lambda _: preprocess(data)}, example)
+                                 "preprocess": lambda _: preprocess(data)}, example, **runs)
     finally:
         torch.set_num_threads(previous)
     workers = min(cores, MAX_AUTO_WORKERS) if timings["forward"] < timings["preprocess"] else 1
