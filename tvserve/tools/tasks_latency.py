@@ -17,6 +17,7 @@ import logging
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -81,7 +82,7 @@ def measure(url: str, data: bytes, requests_: int) -> dict:
             "answer": response.json()}
 
 
-def run(requests_: int, out: Path) -> dict:
+def run(requests_: int, out: Path, measure_sizing: bool = True) -> dict:
     photo = PHOTOS[0].read_bytes()
     big = jpeg(Image.open(PHOTOS[0]).convert("RGB").resize((4000, 3000), Image.BICUBIC))
     report = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "cpu_count": os.cpu_count(),
@@ -92,18 +93,21 @@ def run(requests_: int, out: Path) -> dict:
         store = tmp / "model_store"
         for task, name in MODELS.items():
             weights = detecting_weights(name, tmp / f"{name}.pth", tmp)
-            archive_torchvision(name, weights_file=weights, options=ArchiveOptions(export_path=store, startup_timeout=600))
+            sizing = {} if measure_sizing else {"backend": "eager", "workers": 1, "batch_size": 1}
+            archive_torchvision(name, weights_file=weights, options=ArchiveOptions(
+                export_path=store, startup_timeout=600, response_timeout=600, **sizing))
         config = free_ports_config(DEVELOPMENT_CONFIG, tmp / "config.properties")
         with Server(model_store=store, config=config, workdir=tmp / "server") as server:
             for task, name in MODELS.items():
                 url = f"{server.inference_url}/predictions/{name}"
                 row = {"task": task, "model": name, **measure(url, photo, requests_)}
-                row["body_bytes_12MP"] = measure(url, big, 1)["body_bytes"]
+                # Mask R-CNN pastes every mask as floats at the image's size: 100 at 12 MP would take 4.8 GB
+                row["body_bytes_12MP"] = None if task == "instance_segmentation" else measure(url, big, 1)["body_bytes"]
                 mar = store / f"{name}.mar"
                 chosen = read_record(mar).backend
-                eager = next(c for c in chosen.selection["candidates"] if c["name"] == "eager")
+                eager = next((c for c in chosen.selection.get("candidates", []) if c["name"] == "eager"), {})
                 row.update(workers=read_model_config(mar)["minWorkers"], batch_size=read_model_config(mar)["batchSize"],
-                           backend=chosen.name, forward_ms_at_archive=eager["ms_batch_1"],
+                           backend=chosen.name, forward_ms_at_archive=eager.get("ms_batch_1"),
                            detections=len(row["answer"]) if isinstance(row["answer"], list) else None)
                 drawn = draw(PHOTOS[0], row.pop("answer"), out / "drawn" / f"{name}.jpg")
                 log.info("%s: %s (drawn: %s)", name, row, drawn)
@@ -123,9 +127,9 @@ def write(report: dict, out: Path, command: str) -> Path:
              "| detections | body (bytes) | body at 12 MP (bytes) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in report["rows"]:
         lines.append(f"| {row['task']} | {row['model']} | {row['backend']}, {row['workers']} x {row['batch_size']} | "
-                     f"{row['forward_ms_at_archive']:.0f} | {row['p50_ms']:.0f} | {row['max_ms']:.0f} | "
+                     f"{format(row['forward_ms_at_archive'], '.0f') if row['forward_ms_at_archive'] else '-'} | {row['p50_ms']:.0f} | {row['max_ms']:.0f} | "
                      f"{row['detections'] if row['detections'] is not None else '-'} | {row['body_bytes']:,} | "
-                     f"{row['body_bytes_12MP']:,} |")
+                     f"{format(row['body_bytes_12MP'], ',') if row['body_bytes_12MP'] else '-'} |")
     path = out / "tasks.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -135,10 +139,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("benchmarks"))
+    parser.add_argument("--no-sizing", action="store_true",
+                        help="archive eager, 1 worker, batch 1 instead of measuring them (minutes per R-CNN here)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    command = "python -m tvserve.tools.tasks_latency" + (f" --requests {args.requests}" if args.requests != 10 else "")
-    print(write(run(args.requests, args.out), args.out, command))
+    command = "python -m tvserve.tools.tasks_latency " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(write(run(args.requests, args.out, measure_sizing=not args.no_sizing), args.out, command.strip()))
 
 
 if __name__ == "__main__":
