@@ -378,3 +378,26 @@ def test_fuzzed_requests_to_the_new_tasks_never_get_5xx(server, served_tasks, bo
     response = FUZZ_SESSION.post(f"{server.inference_url}/predictions/{LIVE[task]}", data=body, headers=headers,
                                  timeout=60)
     assert response.status_code in (200, 400, 413, 415), (response.status_code, response.text)
+
+
+def test_offline_refusal_names_the_weights_file_to_supply(tmp_path, monkeypatch):
+    """No --weights-file, nothing in the hub cache, no download: one line naming the file."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    weights = get_model_weights("ssdlite320_mobilenet_v3_large").DEFAULT
+    with mock.patch.object(type(weights), "get_state_dict", side_effect=OSError("network unreachable")):
+        with pytest.raises(TvserveError) as error:
+            archive_torchvision("ssdlite320_mobilenet_v3_large", options=ArchiveOptions(export_path=tmp_path))
+    assert "ssdlite320_mobilenet_v3_large_coco-a79551df.pth" in str(error.value) and "--weights-file" in str(error.value)
+    assert not list(tmp_path.glob("*.mar"))
+
+
+def test_predict_prints_and_draws_a_detection_answer(server, served_tasks, tmp_path):
+    image = tmp_path / "photo.png"
+    image.write_bytes(live_images("detection")[0])
+    result = run_tvserve("predict", LIVE["detection"], image, "--url", server.inference_url, "--threshold", "0",
+                         "--max-detections", "5", "--draw", tmp_path / "drawn")
+    assert result.returncode == 0, result.stderr
+    assert len([line for line in result.stdout.splitlines() if line.strip().startswith("0.")]) == 5
+    drawn = Image.open(tmp_path / "drawn" / f"photo.{LIVE['detection']}.png")
+    assert drawn.size == Image.open(image).size
+    assert not np.array_equal(np.asarray(drawn.convert("RGB")), np.asarray(Image.open(image).convert("RGB")))
