@@ -1,4 +1,5 @@
-"""The `tvserve` command: train, archive, serve, predict and describe image classifiers.
+"""The `tvserve` command: train, archive, serve, predict and describe image models (classification,
+detection, segmentation, keypoints).
 
 Examples:
     tvserve archive torchvision resnet18                 # ImageNet weights: download, cache or --weights-file
