@@ -1,8 +1,8 @@
 """Where the work runs: the model on the worker's device (a GPU TorchServe assigned, else the CPU),
 and decoding and preprocessing apart from it.
 
-A preprocessor turns one request's image bytes into the model's input, Tensor[3, crop, crop]
-float32, or raises a RequestError. Today's is PIL on the CPU (exact: equal to the weights' own
+A preprocessor turns one request's image bytes into the model's input, Tensor[3, H, W] float32
+(the preset's crop for classification; see handlers/preprocessing.py), or raises a RequestError. Today's is PIL on the CPU (exact: equal to the weights' own
 `transforms()`); a GPU one (nvJPEG batch decode, resize on the device) is one new class registered
 in PREPROCESSORS and chosen by the record.
 """
@@ -26,10 +26,16 @@ class PilPreprocessing:
 
     def __init__(self, preset: Preset):
         self.transform = build_transform(preset.to_dict())
-        self.draft_min_side = 2 * preset.resize if preset.jpeg_draft else None  # lossy, opt-in
+        # lossy, opt-in; only where the preset resizes (detection answers in the decoded image's pixels)
+        self.draft_min_side = 2 * preset.resize if preset.jpeg_draft and preset.resize else None
 
     def __call__(self, data: bytes) -> torch.Tensor:
-        return self.transform(open_image(data, draft_min_side=self.draft_min_side))
+        return self.prepare(data)[0]
+
+    def prepare(self, data: bytes) -> tuple:
+        """(model input Tensor[3, H', W'] float32, (height, width) of the upright image as sent, px)."""
+        image = open_image(data, draft_min_side=self.draft_min_side)
+        return self.transform(image), (image.height, image.width)
 
 
 PREPROCESSORS = {PilPreprocessing.name: PilPreprocessing}

@@ -1,7 +1,9 @@
 """The model a record names: built untrained from its spec, then given its verified weights."""
 
+import contextlib
 import importlib.util
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torchvision
@@ -9,8 +11,29 @@ import torchvision
 from handlers.record import ModelSpec, Record
 
 
-def build_model(model_dir: Path, spec: ModelSpec) -> torch.nn.Module:
-    """The untrained module that `spec` names; a Python spec's file is read from `model_dir`."""
+@contextlib.contextmanager
+def handing_over(enum, state_dict: dict):
+    """Inside, torchvision's builders get `state_dict` for weights `enum` instead of downloading it."""
+    with mock.patch.object(type(enum), "get_state_dict", lambda self, *args, **kwargs: state_dict):
+        yield
+
+
+def build_for_weights(spec: ModelSpec, state_dict: dict) -> torch.nn.Module:
+    """torchvision's builder called for the pretrained weights `spec.weights`, loading `state_dict`:
+    the module exactly as torchvision sets it up for them (detection: frozen batch norms and their
+    eps, no backbone download)."""
+    enum = torchvision.models.get_model_weights(spec.name)[spec.weights]
+    if state_dict is None:
+        raise ValueError(f"{spec.name} is built for its {spec.weights} weights: give their state_dict.")
+    with handing_over(enum, state_dict):
+        return torchvision.models.get_model(spec.name, weights=enum, **spec.kwargs)
+
+
+def build_model(model_dir: Path, spec: ModelSpec, state_dict: dict = None) -> torch.nn.Module:
+    """The module that `spec` names, untrained (or, for a spec with `weights`, given `state_dict`
+    by torchvision's builder); a Python spec's file is read from `model_dir`."""
+    if spec.builder == "torchvision" and spec.weights:
+        return build_for_weights(spec, state_dict)
     if spec.builder == "torchvision":
         return torchvision.models.get_model(spec.name, weights=None, **spec.kwargs)
     if spec.builder == "python":
@@ -30,7 +53,7 @@ def build_model(model_dir: Path, spec: ModelSpec) -> torch.nn.Module:
 
 def load_model(model_dir: Path, record: Record) -> torch.nn.Module:
     """Builds the model, loads its verified weights strictly, and switches it to eval mode."""
-    model = build_model(model_dir, record.model)
     weights = torch.load(record.weights.verified(model_dir), map_location="cpu", weights_only=True)
+    model = build_model(model_dir, record.model, weights)
     model.load_state_dict(weights, strict=True)
     return model.eval()

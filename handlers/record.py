@@ -2,7 +2,7 @@
 its weights and its runtime. The archiver writes it (tvserve/build/) and the worker reads it
 (handlers/tvserve_handler.py), both through this module, so the two cannot drift.
 
-    {"format": 2, "name": "resnet18", "version": "1.0", "task": "classification", "source": "torchvision",
+    {"format": 3, "name": "resnet18", "version": "1.0", "task": "classification", "source": "torchvision",
      "model": {"builder": "torchvision", "name": "resnet18", "kwargs": {"num_classes": 1000}},
      "preset": {"resize": 256, "crop": 224, "interpolation": "bilinear", "mean": [...], "std": [...]},
      "labels": [...], "weights": {"file": "weights.pt", "sha256": "...", "origin": "file", ...},
@@ -11,7 +11,9 @@ its weights and its runtime. The archiver writes it (tvserve/build/) and the wor
 
 Archives written before the record had a version (format 1: no "format" key, always
 classification) are read as they are; an archive of a newer format than this code is refused with
-a message saying so.
+a message saying so. Format 3 added the tasks beyond classification: a model built by torchvision's
+own builder for its pretrained `weights` (ModelSpec.weights), presets without a resize or a crop,
+and the keypoint names of keypoint models; format 2 code would build such a model wrongly.
 """
 
 import hashlib
@@ -20,7 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 METADATA_FILE = "tvserve.json"
-FORMAT = 2  # 2: "format" and "task" recorded; 1: the unversioned records of tvserve before them
+FORMAT = 3  # 3: builder weights, partial presets, keypoint names; 2: "format" and "task"; 1: unversioned
 DEFAULT_TASK = "classification"
 
 
@@ -39,40 +41,48 @@ def sha256_of(path: Path) -> str:
 @dataclass
 class ModelSpec:
     """How to build the untrained module: torchvision's builder by `name`, or `cls` from the
-    Python `file` shipped in the archive; `kwargs` are the constructor's keyword arguments."""
+    Python `file` shipped in the archive; `kwargs` are the constructor's keyword arguments.
+    `weights` (a weights enum member's name, e.g. COCO_V1): torchvision's builder is called for those
+    pretrained weights, so that it sets up the module exactly as it does for them (frozen norm
+    layers, their eps, head sizes), and is handed the archive's state_dict instead of downloading."""
 
     builder: str  # "torchvision" or "python"
     name: str = None
     file: str = None
     cls: str = None  # "class" in JSON
     kwargs: dict = field(default_factory=dict)
+    weights: str = None
 
     def to_dict(self) -> dict:
-        out = {"builder": self.builder, "name": self.name, "file": self.file, "class": self.cls, "kwargs": self.kwargs}
+        out = {"builder": self.builder, "name": self.name, "file": self.file, "class": self.cls, "kwargs": self.kwargs,
+               "weights": self.weights}
         return {key: value for key, value in out.items() if value is not None}
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelSpec":
         return cls(builder=data["builder"], name=data.get("name"), file=data.get("file"), cls=data.get("class"),
-                   kwargs=dict(data.get("kwargs") or {}))
+                   kwargs=dict(data.get("kwargs") or {}), weights=data.get("weights"))
 
 
 @dataclass
 class Preset:
     """Resize (shorter side, px), center crop (px), interpolation, and per-channel mean/std in
     [0, 1] units: what torchvision's ImageClassification preset holds. `jpeg_draft` (lossy, opt-in):
-    JPEGs decode at a reduced DCT scale of at least twice `resize`."""
+    JPEGs decode at a reduced DCT scale of at least twice `resize`.
+    The other tasks' presets leave steps out (None, and not written): SemanticSegmentation has no
+    crop, ObjectDetection only converts to float (the model resizes and normalises itself)."""
 
-    resize: int
-    crop: int
+    resize: int = None
+    crop: int = None
     interpolation: str = "bilinear"
     mean: list = None
     std: list = None
     jpeg_draft: bool = False
 
     def to_dict(self) -> dict:
-        out = {"resize": self.resize, "crop": self.crop, "interpolation": self.interpolation,
+        out = {"resize": self.resize, "crop": self.crop, "interpolation": self.interpolation if self.resize else None,
                "mean": self.mean, "std": self.std}
+        out = {key: value for key, value in out.items() if value is not None}  # steps the preset leaves out
         return {**out, "jpeg_draft": True} if self.jpeg_draft else out
 
     @classmethod
@@ -144,6 +154,7 @@ class Record:
     preset: Preset
     labels: list
     task: str = DEFAULT_TASK
+    keypoint_names: list = None  # keypoints task: the names of the model's keypoints, in order
     weights: Weights = None
     backend: Backend = None
     version: str = None
@@ -156,7 +167,7 @@ class Record:
         out = {
             "format": self.format, "name": self.name, "version": self.version, "task": self.task,
             "source": self.source, "model": self.model.to_dict(), "preset": self.preset.to_dict(),
-            "labels": list(self.labels), "weights": self.weights and self.weights.to_dict(),
+            "labels": list(self.labels), "keypoint_names": self.keypoint_names, "weights": self.weights and self.weights.to_dict(),
             "backend": self.backend and self.backend.to_dict(), "versions": self.versions,
             "created": self.created, "extra": self.extra,
         }
@@ -175,7 +186,7 @@ class Record:
             return cls(
                 name=data["name"], source=data["source"], model=ModelSpec.from_dict(data["model"]),
                 preset=Preset.from_dict(data["preset"]), labels=list(data["labels"]),
-                task=data.get("task", DEFAULT_TASK),
+                task=data.get("task", DEFAULT_TASK), keypoint_names=data.get("keypoint_names"),
                 weights=Weights.from_dict(data["weights"]) if data.get("weights") else None,
                 backend=Backend.from_dict(data["backend"]) if data.get("backend") else None,
                 version=data.get("version"), versions=data.get("versions"), created=data.get("created"),

@@ -3,7 +3,8 @@ channels_last), frozen TorchScript, ONNX Runtime and OpenVINO.
 
 An entry names its exported file (none for eager), how to export it from the eager model (used at
 archive time, tvserve/build/tuning.py) and how to load it (used in the worker). Every runner maps a
-float32 Tensor[N, 3, H, W] to the model's raw output Tensor[N, ...] in float32, with `threads`
+float32 Tensor[N, 3, H, W] to the model's raw output Tensor[N, ...] in float32 (eager also a list of
+Tensor[3, H, W] of different sizes, for detection models, to their list of dicts), with `threads`
 intra-op threads and one inter-op thread (no reduced precision: served answers stay within the
 task's parity tolerance of eager). On a CUDA device the worker runs eager PyTorch, whatever the
 archive's CPU runtime. Adding a runtime is one `Runtime(...)` in RUNTIMES.
@@ -24,9 +25,24 @@ class Eager:
         self.format = torch.channels_last if channels_last else torch.contiguous_format
         self.model, self.device = model.to(device, memory_format=self.format), device
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=self.format)
-        return self.model(batch).float().cpu()
+    def __call__(self, batch):
+        if isinstance(batch, torch.Tensor):
+            batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=self.format)
+        else:  # detection models: a list of images of their own sizes
+            batch = [image.to(self.device, non_blocking=True) for image in batch]
+        return to_cpu(self.model(batch))
+
+
+def to_cpu(output):
+    """The model's output on the CPU, floating tensors in float32; dicts and lists (detection and
+    segmentation outputs) item by item."""
+    if isinstance(output, torch.Tensor):
+        return output.float().cpu() if output.is_floating_point() else output.cpu()
+    if isinstance(output, dict):
+        return type(output)((key, to_cpu(value)) for key, value in output.items())
+    if isinstance(output, (list, tuple)):
+        return type(output)(to_cpu(value) for value in output)
+    return output
 
 
 class TorchScript:

@@ -7,8 +7,9 @@ Lifecycle, in the TorchServe worker:
   (handlers/tasks/), the protocol (handlers/protocols/) and the preprocessing (handlers/devices.py).
 - `handle(data, context)` per batch: the protocol decodes each request into image bytes and
   options, the preprocessor turns the bytes into a tensor (a client mistake gets its own 4xx, the
-  rest of the batch still runs), one forward under `torch.inference_mode()`, then the task's
-  answer per request, encoded by the protocol.
+  rest of the batch still runs), the task makes the batch (stacked for classification, a list of
+  images of their own sizes for detection) and runs the forward under `torch.inference_mode()`,
+  then the task's answer per request, encoded by the protocol.
 - The management API's `GET /models/NAME?customized=true` gets the archive's record.
 
 Everything here imports torch, torchvision, PIL, the runtime's library and the files shipped in
@@ -72,7 +73,7 @@ class TvserveHandler:
         device = model_device(context.system_properties.get("gpu_id"))
         set_threads(threads)
         self.backend, self.runner = load_backend(model_dir, self.record, threads, device)
-        self.task = get_task(self.record.task, self.record.labels)
+        self.task = get_task(self.record.task, self.record.labels, self.record.keypoint_names)
         self.protocol = PROTOCOLS[DEFAULT_PROTOCOL]
         self.preprocessor = PREPROCESSORS["pil"](self.record.preset)
         self.initialized = True
@@ -80,15 +81,19 @@ class TvserveHandler:
                  self.record.source, len(self.record.labels), self.backend, device, threads)
 
     def preprocess(self, request: dict, headers: dict):
-        """One request -> (Tensor[3, H, W] float32, options). Raises RequestError for client mistakes."""
+        """One request -> (Tensor[3, H, W] float32, options: the task's, and "image_size", the
+        (height, width) of the upright image as sent). Raises RequestError for client mistakes."""
         data, raw_options = self.protocol.decode(request, headers, self.task.option_names)
         options = self.task.parse_options(raw_options)
-        return self.preprocessor(data), options
+        tensor, size = self.preprocessor.prepare(data)
+        return tensor, {**options, "image_size": size}
 
-    def inference(self, batch: torch.Tensor) -> torch.Tensor:
-        """Tensor[N, 3, H, W] -> the task's scores for each image (classification: probabilities)."""
+    def inference(self, batch):
+        """The task's model input (classification: Tensor[N, 3, crop, crop]; detection and
+        segmentation: a list of Tensor[3, H, W]) -> the task's scores for each image
+        (classification: probabilities Tensor[N, n_labels]; detection: a dict per image)."""
         with torch.inference_mode():
-            return self.task.scores(self.runner(batch))
+            return self.task.scores(self.task.forward(self.runner, batch))
 
     def postprocess(self, scores: torch.Tensor, options: dict):
         return self.task.postprocess(scores, options)
@@ -116,7 +121,7 @@ class TvserveHandler:
             accepted.append((idx, options))
             tensors.append(tensor)
         if tensors:
-            scores = self.inference(torch.stack(tensors))
+            scores = self.inference(self.task.batch(tensors))
             for (idx, options), row in zip(accepted, scores):
                 responses[idx] = self.respond(context, idx, *self.protocol.encode(self.postprocess(row, options)))
         return responses

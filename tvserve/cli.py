@@ -1,10 +1,12 @@
-"""The `tvserve` command: train, archive, serve, predict and describe image classifiers.
+"""The `tvserve` command: train, archive, serve, predict and describe image models (classification,
+detection, segmentation, keypoints).
 
 Examples:
     tvserve archive torchvision resnet18                 # ImageNet weights: download, cache or --weights-file
     tvserve archive checkpoint runs/digits_net/checkpoint.pt
     tvserve serve                                        # every archive in model_store/, until Ctrl-C
     tvserve predict resnet18 cat.jpg --topk 3
+    tvserve predict maskrcnn_resnet50_fpn street.jpg --threshold 0.7 --draw drawn/
     tvserve describe model_store/resnet18.mar
     tvserve zoo
 """
@@ -91,13 +93,18 @@ def cmd_zoo(args):
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'model':<22} {'weights':<26} {'params':>12} {'resize/crop':>11} {'interp':>8} {'acc@1':>6}")
-    for row in rows:
-        acc = f"{row['acc@1']:.2f}" if row["acc@1"] is not None else "-"
-        weights = row["weights"] + (" (default)" if row["default"] else "")
-        print(f"{row['model']:<22} {weights:<26} {row['params']:>12,} "
-              f"{row['resize']:>5}/{row['crop']:<5} {row['interpolation']:>8} {acc:>6}")
-    print(f"{len({row['model'] for row in rows})} models, {len(rows)} weights")
+    for task in dict.fromkeys(row["task"] for row in rows):
+        task_rows = [row for row in rows if row["task"] == task]
+        print(f"\n{task.replace('_', ' ')} ({len({row['model'] for row in task_rows})} models)")
+        print(f"{'model':<38} {'weights':<36} {'params':>12} {'resize/crop':>11} {'interp':>8} "
+              f"{task_rows[0]['metric']:>9}")
+        for row in task_rows:
+            value = f"{row['value']:.2f}" if row["value"] is not None else "-"
+            weights = row["weights"] + (" (default)" if row["default"] else "")
+            size = f"{row['resize'] or '-':>5}/{row['crop'] or '-':<5}"
+            print(f"{row['model']:<38} {weights:<36} {row['params']:>12,} {size} {row['interpolation'] or '-':>8} "
+                  f"{value:>9}")
+    print(f"\n{len({row['model'] for row in rows})} models, {len(rows)} weights")
 
 
 def cmd_register(args):
@@ -240,13 +247,19 @@ def keys(args) -> dict:
 
 
 def cmd_predict(args):
+    from tvserve.tools.draw import describe, draw
+
     token = keys(args).get("inference")
+    options = {name: value for name, value in (("threshold", args.threshold), ("max_detections", args.max_detections))
+               if value is not None}
     for image in args.images:
-        results = client.predict(args.model, image, url=args.url, topk=args.topk, version=args.model_version,
-                                 token=token, timeout=args.timeout)
+        answer = client.predict(args.model, image, url=args.url, topk=args.topk, version=args.model_version,
+                                token=token, options=options, timeout=args.timeout)
         print(f"{image}:")
-        for item in results:
-            print(f"  {item['probability']:.4f}  {item['label']} ({item['index']})")
+        print("\n".join(describe(answer)))
+        if args.draw:
+            out = args.draw / f"{Path(image).stem}.{args.model}.png"
+            print(f"  drawn: {draw(image, answer, out)}")
 
 
 def cmd_describe(args):
@@ -292,10 +305,10 @@ def get_parser(with_training: bool = True):
 
     archive = commands.add_parser("archive", help="build a .mar archive")
     kinds = archive.add_subparsers(dest="kind", required=True)
-    torchvision_ = kinds.add_parser("torchvision", help="a torchvision classification model")
-    torchvision_.add_argument("model", help="e.g. resnet18 (see torchvision.models.list_models())")
+    torchvision_ = kinds.add_parser("torchvision", help="a torchvision model of any task (`tvserve zoo` lists them)")
+    torchvision_.add_argument("model", help="e.g. resnet18, fasterrcnn_resnet50_fpn, deeplabv3_resnet50")
     weights = torchvision_.add_mutually_exclusive_group()
-    weights.add_argument("--weights", default="DEFAULT", help="weights enum: DEFAULT, IMAGENET1K_V1, ...")
+    weights.add_argument("--weights", default="DEFAULT", help="weights enum: DEFAULT, IMAGENET1K_V1, COCO_V1, ...")
     weights.add_argument("--random-init", action="store_true", help="random weights: for tests only")
     torchvision_.add_argument("--weights-file", type=Path, help="a state_dict file for those weights")
     add_archive_options(torchvision_)
@@ -319,7 +332,7 @@ def get_parser(with_training: bool = True):
     add_archive_options(custom)
     custom.set_defaults(func=cmd_archive_custom)
 
-    zoo = commands.add_parser("zoo", help="list torchvision's classification models and weights")
+    zoo = commands.add_parser("zoo", help="list torchvision's pretrained models and weights, by task")
     zoo.add_argument("--json", action="store_true")
     zoo.set_defaults(func=cmd_zoo)
 
@@ -390,7 +403,11 @@ def get_parser(with_training: bool = True):
     predict = commands.add_parser("predict", parents=[inference_api, server_files], help="top-k predictions for image files")
     predict.add_argument("model")
     predict.add_argument("images", nargs="+", type=Path)
-    predict.add_argument("--topk", type=int)
+    predict.add_argument("--topk", type=int, help="classification: how many labels")
+    predict.add_argument("--threshold", type=float, help="detection: the least score answered (default 0.5)")
+    predict.add_argument("--max-detections", type=int, help="detection: at most this many (default 100)")
+    predict.add_argument("--draw", type=Path, metavar="FOLDER",
+                         help="write each image with its boxes, masks or keypoints drawn into FOLDER")
     predict.add_argument("--model-version")
     predict.add_argument("--timeout", type=float, default=60,
                          help="seconds to wait for the server's answer to each image (default 60)")

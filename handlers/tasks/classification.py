@@ -25,8 +25,26 @@ class Classification:
     PARITY_TOLERANCE = PARITY_TOLERANCE
     parity_what = "probabilities"
 
-    def __init__(self, labels: list):
+    def __init__(self, labels: list, keypoint_names: list = None):
         self.labels = list(labels)
+
+    @staticmethod
+    def meta_example(preset) -> torch.Tensor:
+        """One image of the preset's crop on the meta device: Tensor[1, 3, crop, crop]."""
+        return torch.zeros(1, 3, preset.crop, preset.crop, device="meta")
+
+    @staticmethod
+    def meta_forward(model, example):
+        return model(example)
+
+    @staticmethod
+    def batch(tensors: list) -> torch.Tensor:
+        """Every image has the preset's crop: one Tensor[N, 3, crop, crop]."""
+        return torch.stack(tensors)
+
+    @staticmethod
+    def forward(runner, batch: torch.Tensor) -> torch.Tensor:
+        return runner(batch)
 
     def check_output(self, output) -> None:
         """Raises ValueError unless `output` (for one image) is one logit per label: (1, n_labels)."""

@@ -1,6 +1,7 @@
 """The model checked before anything is written, on PyTorch's meta device (shapes without memory or
 compute, even for 600M parameters): it builds, its state_dict loads strictly, and one image of the
-preset's crop gives an output the task accepts."""
+preset's crop gives an output the task accepts. Detectors run their transform and backbone there
+(their proposal filtering and NMS need real values), and their heads' sizes are checked."""
 
 import contextlib
 import warnings
@@ -25,22 +26,39 @@ def no_weight_init():
         yield
 
 
-def build_for_check(model_dir: Path, spec: ModelSpec) -> torch.nn.Module:
+def build_for_check(model_dir: Path, spec: ModelSpec, state_dict: dict = None) -> torch.nn.Module:
     """The module on the meta device. A constructor that computes with tensor values (regnet) is
-    allocated on the CPU without initialising its weights (pages never touched), then moved to meta."""
+    allocated on the CPU without initialising its weights (pages never touched), then moved to meta.
+    A spec built for its weights gets `state_dict` from its builder (a no-op copy on meta)."""
     try:
-        with torch.device("meta"):
-            return build_model(model_dir, spec)
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "copying ... to a meta parameter is a no-op"
+            return build_model(model_dir, spec, state_dict)
     except NotImplementedError:
         with no_weight_init():
-            return build_model(model_dir, spec).to("meta")
+            return build_model(model_dir, spec, state_dict).to("meta")
+
+
+def weights_mismatch(err: RuntimeError) -> str:
+    """The first lines of load_state_dict's error: which keys are missing, unexpected or misshapen."""
+    return " ".join(line.strip() for line in str(err).strip().splitlines()[1:4])
+
+
+def shape_text(example) -> str:
+    """1x3x224x224 for a Tensor; 3x480x640 for a list of one image."""
+    tensor = example[0] if isinstance(example, list) else example
+    return "x".join(map(str, tensor.shape))
 
 
 def check_model(record: Record, state_dict: dict, model_dir: Path) -> None:
     """Raises TvserveError, one line naming what is wrong, unless the record's model builds, takes
     `state_dict` strictly and gives the task's output for one image."""
     try:
-        model = build_for_check(model_dir, record.model)
+        model = build_for_check(model_dir, record.model, state_dict)
+    except RuntimeError as err:
+        if record.model.weights and "state_dict" in str(err):  # torchvision's builder loads them strictly
+            raise TvserveError(f"The weights do not fit the model: {weights_mismatch(err)}") from None
+        raise TvserveError(f"The model does not build: {type(err).__name__}: {err}") from None
     except Exception as err:  # the user's model code: report what it raised
         raise TvserveError(f"The model does not build: {type(err).__name__}: {err}") from None
     try:
@@ -48,14 +66,14 @@ def check_model(record: Record, state_dict: dict, model_dir: Path) -> None:
             warnings.simplefilter("ignore", UserWarning)  # "copying ... to a meta parameter is a no-op"
             model.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:
-        details = " ".join(line.strip() for line in str(err).strip().splitlines()[1:4])
-        raise TvserveError(f"The weights do not fit the model: {details}") from None
-    crop = record.preset.crop
+        raise TvserveError(f"The weights do not fit the model: {weights_mismatch(err)}") from None
+    task = get_task(record.task, record.labels, record.keypoint_names)
+    example = task.meta_example(record.preset)
     try:
-        output = model.eval()(torch.zeros(1, 3, crop, crop, device="meta"))
+        output = task.meta_forward(model.eval(), example)
     except Exception as err:  # the user's forward
-        raise TvserveError(f"The model fails on a 1x3x{crop}x{crop} image: {type(err).__name__}: {err}") from None
+        raise TvserveError(f"The model fails on a {shape_text(example)} image: {type(err).__name__}: {err}") from None
     try:
-        get_task(record.task, record.labels).check_output(output)
+        task.check_output(output)
     except ValueError as err:
         raise TvserveError(str(err)) from None

@@ -6,6 +6,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -26,13 +27,31 @@ CHECKPOINT_KEYS = {"arch", "arch_args", "state_dict", "classes", "mean", "std", 
 
 
 def torchvision_record(name: str, enum, model_name: str = None) -> Record:
-    """What an archive of torchvision model `name` with weights `enum` records, from the enum."""
+    """What an archive of torchvision model `name` with weights `enum` records, from the enum.
+    Classification models are built from keyword arguments; the other tasks' by torchvision's
+    builder for their weights (ModelSpec.weights), which sets up what those weights need."""
+    task = zoo.task_of(name)
+    if task == "classification":
+        spec = ModelSpec(builder="torchvision", name=name, kwargs=zoo.builder_kwargs(name, enum))
+        extra = {"weights_enum": str(enum), "imagenet_acc@1": zoo.imagenet_acc1(enum)}
+    else:
+        spec = ModelSpec(builder="torchvision", name=name, weights=enum.name)
+        metric, value = zoo.headline_metric(task, enum)
+        extra = {"weights_enum": str(enum), metric: value}
     return Record(
-        name=model_name or name, source="torchvision",
-        model=ModelSpec(builder="torchvision", name=name, kwargs=zoo.builder_kwargs(name, enum)),
+        name=model_name or name, source="torchvision", task=task, model=spec,
         preset=Preset(**zoo.preset_of(enum)), labels=list(enum.meta["categories"]),
-        extra={"weights_enum": str(enum), "imagenet_acc@1": zoo.imagenet_acc1(enum)},
+        keypoint_names=enum.meta.get("keypoint_names") if task == "keypoints" else None, extra=extra,
     )
+
+
+def random_state_dict(record: Record, model_dir: Path) -> dict:
+    """A state_dict of random weights for the record's model (--random-init, tests): the module as
+    its builder sets it up, every weight left as initialised."""
+    if not record.model.weights:
+        return build_model(model_dir, record.model).state_dict()
+    with mock.patch.object(torch.nn.Module, "load_state_dict", lambda self, *args, **kwargs: None):
+        return build_model(model_dir, record.model, state_dict={}).state_dict()
 
 
 def archive_torchvision(name: str, *, weights: str = "DEFAULT", weights_file=None,
@@ -46,7 +65,7 @@ def archive_torchvision(name: str, *, weights: str = "DEFAULT", weights_file=Non
         if random_init:
             log.warning("archiving %s with RANDOM weights (--random-init): for tests only", name)
             path, origin = Path(tmp) / WEIGHTS_FILE, "random-init"
-            torch.save(build_model(Path(tmp), record.model).state_dict(), path)
+            torch.save(random_state_dict(record, Path(tmp)), path)
         else:
             path, origin = zoo.find_weights_file(name, enum, weights_file)
         check_model(record, load_state_dict_file(path), Path(tmp))

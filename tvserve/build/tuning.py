@@ -8,6 +8,9 @@ loaded with the worker's own code and the worker's thread count, and
    that fails to export or differs more is dropped;
  - timed: the median forward after a warm-up, per image, at batch 1 and at the served batch size.
 `auto` keeps the fastest that passed (eager always passes). The report goes into tvserve.json.
+Detection and segmentation models take images of their own sizes (a list, or one forward each),
+which the exporters here are not made for: they run eager, timed the same way on a preprocessed
+0.5 MP photo, and the report says why the others were not tried (select_eager).
 The same timings decide what an archive leaves to the machine: its workers (choose_workers) and
 its batch size (choose_batch_size).
 """
@@ -40,19 +43,20 @@ RUNS_PER_TURN = 3
 TURN_PAUSE_S = 0.02
 
 
-def median_ms(runners: dict, batch: torch.Tensor) -> dict:
-    """{name: median ms of one forward of `batch`}. The runners take turns, a few forwards each,
+def median_ms(runners: dict, batch: torch.Tensor, warmup: int = WARMUP_RUNS, per_turn: int = RUNS_PER_TURN) -> dict:
+    """{name: median ms of one forward of `batch`}. The runners take turns, `per_turn` forwards each,
     round after round, so that a load spike on the machine hits them all alike; a short pause
-    before each turn lets the previous runtime's threads go idle (some spin for a while)."""
+    before each turn lets the previous runtime's threads go idle (some spin for a while). Models
+    of seconds per forward (Mask R-CNN on 2 cores) take fewer warm-up and per-turn runs."""
     for runner in runners.values():
-        for _ in range(WARMUP_RUNS):
+        for _ in range(warmup):
             runner(batch)
     times = {name: [] for name in runners}
     deadline = time.perf_counter() + TIME_BUDGET_S * len(runners)
     while len(next(iter(times.values()))) < MAX_RUNS:
         for name, runner in runners.items():
             time.sleep(TURN_PAUSE_S)
-            for _ in range(RUNS_PER_TURN):
+            for _ in range(per_turn):
                 start = time.perf_counter()
                 runner(batch)
                 times[name].append((time.perf_counter() - start) * 1000)
@@ -123,6 +127,33 @@ def select_backend(model: torch.nn.Module, task, crop: int, threads: int, wanted
                           "candidates": [{k: v for k, v in c.items() if k != "file"} for c in candidates]}}
 
 
+def select_eager(model: torch.nn.Module, task, preset: Preset, threads: int, wanted: str, batch: int = 1) -> dict:
+    """select_backend for tasks whose images keep their own sizes: eager only, timed per image on
+    the preprocessed sample photo at batch 1 and at the served batch size (at most TIMED_BATCH)."""
+    if wanted not in ("auto", "eager"):
+        raise TvserveError(f"Backend {wanted} cannot serve this model: {task.name} models take images of their "
+                           "own sizes, which tvserve's exports are not checked for. Use --backend auto or eager.")
+    previous = torch.get_num_threads()
+    set_threads(threads)
+    try:
+        image = PilPreprocessing(preset)(sample_jpeg())
+        eager = load_runner("eager", model=model.eval())
+        size = min(batch, TIMED_BATCH)
+        runners = {"eager": lambda b: task.forward(eager, b)}
+        with torch.inference_mode():
+            alone = median_ms(runners, task.batch([image]), warmup=1, per_turn=1)["eager"]
+            together = median_ms(runners, task.batch([image] * size), warmup=1, per_turn=1)["eager"] if size > 1 else alone
+    finally:
+        torch.set_num_threads(previous)
+    log.info("backend eager: %.1f ms/image (%s: exports not tried)", alone, task.name)
+    eager_report = {"name": "eager", "parity": 0.0, "ms_batch_1": round(alone, 3),
+                    f"ms_batch_{size}": round(together / size, 3), "ms": round(max(alone, together / size), 3)}
+    others = [{"name": name, "error": f"not tried: {task.name} models take images of their own sizes"}
+              for name in BACKENDS if name != "eager"]
+    return {"name": "eager", "file": None,
+            "selection": {"wanted": wanted, "threads": threads, "cpu": cpu_name(), "candidates": [eager_report, *others]}}
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -158,7 +189,7 @@ def sample_jpeg(width: int = 866, height: int = 577) -> bytes:
     return buffer.getvalue()
 
 
-def choose_workers(model: torch.nn.Module, preset: Preset) -> dict:
+def choose_workers(model: torch.nn.Module, preset: Preset, task) -> dict:
     """One worker per core (at most MAX_AUTO_WORKERS, one thread each) when preprocessing a 0.5 MP
     photo takes longer than the model's forward on one thread: decoding is then the work, and a
     worker decodes on one core only. Else one worker with every core's threads.
@@ -171,9 +202,11 @@ def choose_workers(model: torch.nn.Module, preset: Preset) -> dict:
     set_threads(1)
     try:
         eager = load_runner("eager", model=model)
-        image = torch.randn(1, 3, preset.crop, preset.crop)
+        example = task.batch([preprocess(data)])  # the photo as the model takes it
         with torch.inference_mode():
-            timings = median_ms({"forward": eager, "preprocess": lambda _: preprocess(data)}, image)
+            runs = {} if torch.is_tensor(example) else {"warmup": 1, "per_turn": 1}  # list inputs: detection models
+            timings = median_ms({"forward": lambda batch: task.forward(eager, batch),
+                                 "preprocess": lambda _: preprocess(data)}, example, **runs)
     finally:
         torch.set_num_threads(previous)
     workers = min(cores, MAX_AUTO_WORKERS) if timings["forward"] < timings["preprocess"] else 1

@@ -32,11 +32,11 @@ from tqdm import tqdm
 import handlers
 from handlers.models import build_model
 from handlers.record import METADATA_FILE, Backend, Record, sha256_of
-from handlers.tasks import get_task
+from handlers.tasks import STACKED, get_task
 from tvserve import TvserveError, __version__
 from tvserve.build.mar import MODEL_CONFIG_FILE
 from tvserve.build.options import DEFAULT_VERSION, ArchiveOptions
-from tvserve.build.tuning import TIMED_BATCH, choose_batch_size, choose_workers, select_backend
+from tvserve.build.tuning import TIMED_BATCH, choose_batch_size, choose_workers, select_backend, select_eager
 from tvserve.build.weights import load_state_dict_file
 
 log = logging.getLogger(__name__)
@@ -93,17 +93,22 @@ def tune(record: Record, weights: Path, model_dir: Path, options: ArchiveOptions
     batch size from its timings (tuning.py)."""
     if options.backend == "eager" and options.workers and options.batch_size:
         return options, {"name": "eager", "file": None, "selection": {"wanted": "eager"}}
-    model = build_model(model_dir, record.model)
-    model.load_state_dict(load_state_dict_file(weights), strict=True)
+    state_dict = load_state_dict_file(weights)
+    model = build_model(model_dir, record.model, state_dict)
+    model.load_state_dict(state_dict, strict=True)
+    task = get_task(record.task, record.labels, record.keypoint_names)
     workers_rule = {"workers": options.workers, "wanted": options.workers}
     if not options.workers:
-        workers_rule = choose_workers(model.eval(), record.preset)
+        workers_rule = choose_workers(model.eval(), record.preset, task)
         options = replace(options, workers=workers_rule["workers"])
     log.info("choosing %s's backend (%s) for %d worker(s) x %d threads ...", record.name, options.backend,
              options.workers, options.thread_budget())
-    backend = select_backend(model.eval(), get_task(record.task, record.labels), record.preset.crop,
-                             options.thread_budget(), options.backend or "auto", folder,
-                             batch=options.batch_size or TIMED_BATCH)
+    if task.name in STACKED:
+        backend = select_backend(model.eval(), task, record.preset.crop, options.thread_budget(),
+                                 options.backend or "auto", folder, batch=options.batch_size or TIMED_BATCH)
+    else:
+        backend = select_eager(model, task, record.preset, options.thread_budget(), options.backend or "auto",
+                               batch=options.batch_size or TIMED_BATCH)
     if not options.batch_size:
         options = replace(options, batch_size=choose_batch_size(backend))
     backend["selection"]["workers"] = workers_rule

@@ -1,7 +1,9 @@
-"""torchvision classification models: their weights, preset, labels and construction arguments.
+"""torchvision's pretrained models, by task: their weights, preset, labels and construction arguments.
 
-Everything an archive records about a torchvision model is read from its `Weights` enum
-(`weights.transforms()`, `weights.meta`), never re-typed.
+Tasks: classification (torchvision.models), detection, instance segmentation (Mask R-CNN) and
+keypoints (Keypoint R-CNN) (torchvision.models.detection), semantic segmentation
+(torchvision.models.segmentation). Everything an archive records about a torchvision model is read
+from its `Weights` enum (`weights.transforms()`, `weights.meta`), never re-typed.
 """
 
 import logging
@@ -26,10 +28,37 @@ def classification_models() -> list:
     return list_models(module=torchvision.models)
 
 
+TASK_ORDER = ("classification", "detection", "instance_segmentation", "keypoints", "semantic_segmentation")
+
+
+def task_of(name: str) -> str:
+    """The task of torchvision model `name` (a classification model when in no other module)."""
+    if name in list_models(module=torchvision.models.segmentation):
+        return "semantic_segmentation"
+    if name in list_models(module=torchvision.models.detection):
+        return {"maskrcnn": "instance_segmentation", "keypointrcnn": "keypoints"}.get(name.split("_")[0], "detection")
+    return "classification"
+
+
+def models_by_task() -> dict:
+    """{task: [model names]} for every pretrained torchvision model tvserve archives."""
+    names = (classification_models() + list_models(module=torchvision.models.detection)
+             + list_models(module=torchvision.models.segmentation))
+    tasks = {task: [] for task in TASK_ORDER}
+    for name in names:
+        tasks[task_of(name)].append(name)
+    return tasks
+
+
+def all_models() -> list:
+    return [name for names in models_by_task().values() for name in names]
+
+
 def get_weights(name: str, weights: str = "DEFAULT"):
-    """The weights enum member `weights` (DEFAULT, IMAGENET1K_V1, ...) of model `name`."""
-    if name not in classification_models():
-        raise TvserveError(f"Unknown torchvision classification model {name!r}. `tvserve zoo` lists them.")
+    """The weights enum member `weights` (DEFAULT, IMAGENET1K_V1, COCO_V1, ...) of model `name`."""
+    if name not in all_models():
+        raise TvserveError(f"Unknown torchvision model {name!r} (classification, detection or segmentation). "
+                           "`tvserve zoo` lists them.")
     enum = get_model_weights(name)
     try:
         member = enum[weights]
@@ -43,8 +72,15 @@ def get_weights(name: str, weights: str = "DEFAULT"):
 
 
 def preset_of(weights) -> dict:
-    """The preset recorded in archives, read from `weights.transforms()` (an ImageClassification)."""
+    """The preset recorded in archives, read from `weights.transforms()`: an ImageClassification
+    (resize, crop, interpolation, mean, std), a SemanticSegmentation (no crop) or an
+    ObjectDetection (nothing: it only converts to float)."""
     transform = weights.transforms()
+    if not hasattr(transform, "resize_size"):  # ObjectDetection
+        return {}
+    if not hasattr(transform, "crop_size"):  # SemanticSegmentation
+        return {"resize": int(transform.resize_size[0]), "interpolation": transform.interpolation.value,
+                "mean": [float(x) for x in transform.mean], "std": [float(x) for x in transform.std]}
     return {
         "resize": int(transform.resize_size[0]),
         "crop": int(transform.crop_size[0]),
@@ -112,21 +148,41 @@ def imagenet_acc1(weights):
     return None if acc is None or math.isnan(acc) else acc
 
 
+METRICS = {  # the headline metric of each task in the weights' meta: (dataset, key, name shown)
+    "classification": ("ImageNet-1K", "acc@1", "acc@1"),
+    "detection": ("COCO-val2017", "box_map", "box mAP"),
+    "instance_segmentation": ("COCO-val2017", "mask_map", "mask mAP"),
+    "keypoints": ("COCO-val2017", "kp_map", "kp mAP"),
+    "semantic_segmentation": ("COCO-val2017-VOC-labels", "miou", "mIoU"),
+}
+
+
+def headline_metric(task: str, weights):
+    """(name, value) of the task's headline metric from the weights' meta; value None where absent."""
+    dataset, key, shown = METRICS[task]
+    value = weights.meta.get("_metrics", {}).get(dataset, {}).get(key)
+    return shown, None if value is None or math.isnan(value) else value
+
+
 def zoo() -> list:
-    """Every classification model, one row per weights enum, from the enums' own meta."""
+    """Every pretrained model, one row per weights enum, by task, from the enums' own meta."""
     rows = []
-    for name in classification_models():
-        enum = get_model_weights(name)
-        for weights in enum:
-            preset = preset_of(weights)
-            rows.append({
-                "model": name,
-                "weights": weights.name,
-                "default": weights is enum.DEFAULT,
-                "params": weights.meta["num_params"],
-                "resize": preset["resize"],
-                "crop": preset["crop"],
-                "interpolation": preset["interpolation"],
-                "acc@1": imagenet_acc1(weights),
-            })
+    for task, names in models_by_task().items():
+        for name in names:
+            enum = get_model_weights(name)
+            for weights in enum:
+                preset, (metric, value) = preset_of(weights), headline_metric(task, weights)
+                rows.append({
+                    "task": task,
+                    "model": name,
+                    "weights": weights.name,
+                    "default": weights is enum.DEFAULT,
+                    "params": weights.meta["num_params"],
+                    "resize": preset.get("resize"),
+                    "crop": preset.get("crop"),
+                    "interpolation": preset.get("interpolation"),
+                    "acc@1": imagenet_acc1(weights) if task == "classification" else None,
+                    "metric": metric,
+                    "value": value,
+                })
     return rows

@@ -133,14 +133,17 @@ def post_with_retries(url: str, *, data: bytes, headers: dict, timeout: float, r
 
 
 def predict(model: str, image, *, url: str = DEFAULT_URL, topk: int = None, version: str = None,
-            token: str = None, timeout: float = 60, retries: int = RETRIES, session=requests) -> list:
-    """Top-k of one image (a path or bytes): [{"label", "index", "probability"}, ...].
+            token: str = None, timeout: float = 60, retries: int = RETRIES, session=requests, options: dict = None):
+    """The answer for one image (a path or bytes): for a classifier its top-k,
+    [{"label", "index", "probability"}, ...]; for the other tasks their answer (README). `options`
+    are the task's per-request options ({"threshold": 0.7}), sent as X-<name> headers.
     Pass a requests.Session as `session` to keep one connection across many predictions (its
     adapters are replaced by retrying ones). `timeout` is in seconds, for the connection and for
     the answer."""
     data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
     path = f"{url}/predictions/{model}" + (f"/{version}" if version else "")
-    headers = {**bearer(token), **({"X-TopK": str(topk)} if topk is not None else {})}  # /predictions drops ?topk
+    headers = {**bearer(token), **({"X-TopK": str(topk)} if topk is not None else {}),  # /predictions drops ?topk
+               **{f"X-{name}": str(value) for name, value in (options or {}).items()}}
     try:
         response = post_with_retries(path, data=data, headers=headers, timeout=timeout, retries=retries,
                                      session=session)
