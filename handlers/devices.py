@@ -7,9 +7,10 @@ float32, or raises a RequestError. Today's is PIL on the CPU (exact: equal to th
 in PREPROCESSORS and chosen by the record.
 """
 
+import numpy as np
 import torch
 
-from handlers.images import open_image
+from handlers.images import open_image, open_pixels
 from handlers.preprocessing import build_transform
 from handlers.record import Preset
 
@@ -28,7 +29,10 @@ class PilPreprocessing:
         self.transform = build_transform(preset.to_dict())
         self.draft_min_side = 2 * preset.resize if preset.jpeg_draft else None  # lossy, opt-in
 
-    def __call__(self, data: bytes) -> torch.Tensor:
+    def __call__(self, data) -> torch.Tensor:
+        """Encoded image bytes, or RGB pixels uint8 [H, W, 3] -> Tensor[3, crop, crop] float32."""
+        if isinstance(data, np.ndarray):
+            return self.transform(open_pixels(data))
         return self.transform(open_image(data, draft_min_side=self.draft_min_side))
 
 

@@ -27,7 +27,7 @@ from handlers.budget import thread_budget
 from handlers.devices import PREPROCESSORS, model_device
 from handlers.errors import RequestError
 from handlers.models import load_model
-from handlers.protocols import DEFAULT_PROTOCOL, PROTOCOLS
+from handlers.protocols import DEFAULT_PROTOCOL, PROTOCOLS, protocol_for
 from handlers.record import Backend, Record
 from handlers.runtimes import get_runtime, load_runner, set_threads
 from handlers.tasks import get_task
@@ -79,11 +79,28 @@ class TvserveHandler:
         log.info("tvserve: loaded %s (%s), %d labels, backend %s on %s, %d threads", self.record.name,
                  self.record.source, len(self.record.labels), self.backend, device, threads)
 
+    def decode(self, protocol, request: dict, headers: dict) -> tuple:
+        """One request -> (Decoded, [Tensor[3, H, W] float32 per image], options).
+        Raises RequestError for client mistakes; in a several-image request it names the image."""
+        decoded = protocol.decode(request, headers, self.task)
+        if decoded.action == "metadata":
+            return decoded, [], {}
+        options = self.task.parse_options(decoded.options)
+        return decoded, [self.preprocess_image(image, i, len(decoded.images))
+                         for i, image in enumerate(decoded.images)], options
+
+    def preprocess_image(self, image, index: int, count: int) -> torch.Tensor:
+        try:
+            return self.preprocessor(image)
+        except RequestError as err:
+            if count == 1:
+                raise
+            raise RequestError(err.status, err.type, f"Image {index}: {err.message}") from None
+
     def preprocess(self, request: dict, headers: dict):
-        """One request -> (Tensor[3, H, W] float32, options). Raises RequestError for client mistakes."""
-        data, raw_options = self.protocol.decode(request, headers, self.task.option_names)
-        options = self.task.parse_options(raw_options)
-        return self.preprocessor(data), options
+        """One /predictions request -> (Tensor[3, H, W] float32, options) (the bench's and tools' entry)."""
+        _, tensors, options = self.decode(self.protocol, request, headers)
+        return tensors[0], options
 
     def inference(self, batch: torch.Tensor) -> torch.Tensor:
         """Tensor[N, 3, H, W] -> the task's scores for each image (classification: probabilities)."""
@@ -99,24 +116,36 @@ class TvserveHandler:
         with busy_marker():
             return self.handle_batch(data, context)
 
-    def respond(self, context, idx: int, body, content_type: str):
+    def respond(self, context, idx: int, body, content_type: str, headers: dict = None):
         context.set_response_content_type(idx, content_type)
+        for key, value in (headers or {}).items():
+            context.set_response_header(idx, key, value)
         return body
 
     def handle_batch(self, data, context):
+        """Decodes each request with its protocol; answers its mistakes and metadata at once; runs
+        every accepted image in one forward; encodes each request's rows with its protocol."""
         responses = [None] * len(data)
         accepted, tensors = [], []
         for idx, request in enumerate(data):
+            headers = context.get_all_request_header(idx)
+            protocol = protocol_for(headers)
             try:
-                tensor, options = self.preprocess(request, context.get_all_request_header(idx))
+                decoded, images, options = self.decode(protocol, request, headers)
             except RequestError as err:
                 context.set_response_status(err.status, err.type, idx=idx)
-                responses[idx] = self.respond(context, idx, *self.protocol.encode_error(err))
+                responses[idx] = self.respond(context, idx, *protocol.encode_error(err))
                 continue
-            accepted.append((idx, options))
-            tensors.append(tensor)
+            if decoded.action == "metadata":
+                responses[idx] = self.respond(context, idx, *protocol.metadata(decoded, self.task))
+                continue
+            accepted.append((idx, protocol, decoded, options, len(images)))
+            tensors.extend(images)
         if tensors:
             scores = self.inference(torch.stack(tensors))
-            for (idx, options), row in zip(accepted, scores):
-                responses[idx] = self.respond(context, idx, *self.protocol.encode(self.postprocess(row, options)))
+            start = 0
+            for idx, protocol, decoded, options, count in accepted:
+                rows = scores[start:start + count]
+                start += count
+                responses[idx] = self.respond(context, idx, *protocol.encode(decoded, self.task, rows, options))
         return responses

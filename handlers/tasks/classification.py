@@ -1,6 +1,7 @@
 """Image classification: logits Tensor[N, n_labels] -> the top-k labels with their softmax
 probabilities, most probable first: [{"label": "tabby", "index": 281, "probability": 0.93}, ...]."""
 
+import numpy as np
 import torch
 
 from handlers.errors import RequestError
@@ -61,3 +62,20 @@ class Classification:
         values, indices = probabilities.topk(options["topk"])
         return [{"label": self.labels[index], "index": index, "probability": value}
                 for value, index in zip(values.tolist(), indices.tolist())]
+
+    def output_metadata(self) -> list:
+        """The answer as named tensors (name, datatype, shape; -1 where it varies), for tensor protocols."""
+        n = len(self.labels)
+        return [{"name": "labels", "datatype": "BYTES", "shape": [-1, -1]},
+                {"name": "indices", "datatype": "INT64", "shape": [-1, -1]},
+                {"name": "scores", "datatype": "FP32", "shape": [-1, -1]},
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, n]}]
+
+    def tensors(self, probabilities: torch.Tensor, options: dict) -> dict:
+        """Probabilities Tensor[N, n_labels] -> {name: (datatype, array)}: the top-k labels [N, k]
+        (text), indices [N, k] int64 and scores [N, k] float32, and every probability [N, n_labels]."""
+        values, indices = probabilities.float().topk(options["topk"], dim=1)
+        labels = np.array([[self.labels[i] for i in row] for row in indices.tolist()], dtype=object)
+        return {"labels": ("BYTES", labels), "indices": ("INT64", indices.numpy().astype(np.int64)),
+                "scores": ("FP32", values.numpy().astype(np.float32)),
+                "probabilities": ("FP32", probabilities.float().numpy().astype(np.float32))}
