@@ -29,11 +29,15 @@ class PilPreprocessing:
         self.transform = build_transform(preset.to_dict())
         self.draft_min_side = 2 * preset.resize if preset.jpeg_draft else None  # lossy, opt-in
 
+    def decode(self, data):
+        """Encoded image bytes, or RGB pixels uint8 [H, W, 3] -> an upright RGB PIL image."""
+        if isinstance(data, np.ndarray):
+            return open_pixels(data)
+        return open_image(data, draft_min_side=self.draft_min_side)
+
     def __call__(self, data) -> torch.Tensor:
         """Encoded image bytes, or RGB pixels uint8 [H, W, 3] -> Tensor[3, crop, crop] float32."""
-        if isinstance(data, np.ndarray):
-            return self.transform(open_pixels(data))
-        return self.transform(open_image(data, draft_min_side=self.draft_min_side))
+        return self.transform(self.decode(data))
 
 
 PREPROCESSORS = {PilPreprocessing.name: PilPreprocessing}

@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -26,11 +27,14 @@ import torch
 from handlers.budget import thread_budget
 from handlers.devices import PREPROCESSORS, model_device
 from handlers.errors import RequestError
+from handlers.explanations import Explainer
 from handlers.models import load_model
 from handlers.protocols import DEFAULT_PROTOCOL, PROTOCOLS, protocol_for
+from handlers.protocols.common import header
 from handlers.record import Backend, Record
 from handlers.runtimes import get_runtime, load_runner, set_threads
 from handlers.tasks import get_task
+from handlers.telemetry import ARRIVAL_HEADER, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +79,9 @@ class TvserveHandler:
         self.task = get_task(self.record.task, self.record.labels)
         self.protocol = PROTOCOLS[DEFAULT_PROTOCOL]
         self.preprocessor = PREPROCESSORS["pil"](self.record.preset)
+        self.model_dir, self.explainer = model_dir, None  # the explainer is loaded on first use
+        self.telemetry = Telemetry(context)
+        self.telemetry.worker_started()
         self.initialized = True
         log.info("tvserve: loaded %s (%s), %d labels, backend %s on %s, %d threads", self.record.name,
                  self.record.source, len(self.record.labels), self.backend, device, threads)
@@ -90,12 +97,19 @@ class TvserveHandler:
                          for i, image in enumerate(decoded.images)], options
 
     def preprocess_image(self, image, index: int, count: int) -> torch.Tensor:
+        """Decodes and preprocesses one image, timing each stage."""
         try:
-            return self.preprocessor(image)
+            start = time.perf_counter()
+            picture = self.preprocessor.decode(image)
+            decoded = time.perf_counter()
+            tensor = self.preprocessor.transform(picture)
         except RequestError as err:
             if count == 1:
                 raise
             raise RequestError(err.status, err.type, f"Image {index}: {err.message}") from None
+        self.telemetry.seconds("decode", decoded - start)
+        self.telemetry.seconds("preprocess", time.perf_counter() - decoded)
+        return tensor
 
     def preprocess(self, request: dict, headers: dict):
         """One /predictions request -> (Tensor[3, H, W] float32, options) (the bench's and tools' entry)."""
@@ -104,8 +118,24 @@ class TvserveHandler:
 
     def inference(self, batch: torch.Tensor) -> torch.Tensor:
         """Tensor[N, 3, H, W] -> the task's scores for each image (classification: probabilities)."""
+        start = time.perf_counter()
         with torch.inference_mode():
-            return self.task.scores(self.runner(batch))
+            scores = self.task.scores(self.runner(batch))
+        self.telemetry.seconds("inference", time.perf_counter() - start)
+        self.telemetry.batch(len(batch))
+        return scores
+
+    def explain(self, images: list, options: dict) -> list:
+        """Preprocessed images -> one explanation each: the target class (the requested one, else the
+        top-1) and its heatmap Tensor[h, w] in [0, 1] (handlers/explanations.py)."""
+        if self.explainer is None:
+            self.explainer = Explainer(load_model(self.model_dir, self.record))
+        batch = torch.stack(images)
+        targets = [self.task.explain_target(row, options) for row in self.inference(batch)]
+        heatmaps, seconds = self.explainer(batch, [target["index"] for target in targets])
+        self.telemetry.seconds("explain", seconds)
+        return [{"method": self.explainer.method, "target": target, "heatmap": heatmap}
+                for target, heatmap in zip(targets, heatmaps)]
 
     def postprocess(self, scores: torch.Tensor, options: dict):
         return self.task.postprocess(scores, options)
@@ -123,29 +153,43 @@ class TvserveHandler:
         return body
 
     def handle_batch(self, data, context):
-        """Decodes each request with its protocol; answers its mistakes and metadata at once; runs
-        every accepted image in one forward; encodes each request's rows with its protocol."""
+        """Decodes each request with its protocol; answers its mistakes, metadata and explanations at
+        once; runs every other accepted image in one forward; encodes each request's rows with its
+        protocol. Every answer is counted by protocol, status and error type."""
+        start = time.perf_counter()
         responses = [None] * len(data)
         accepted, tensors = [], []
         for idx, request in enumerate(data):
             headers = context.get_all_request_header(idx)
             protocol = protocol_for(headers)
+            self.telemetry.queued(header(headers, ARRIVAL_HEADER))
             try:
                 decoded, images, options = self.decode(protocol, request, headers)
+                if decoded.action == "metadata":
+                    responses[idx] = self.answer(context, idx, protocol, start, *protocol.metadata(decoded, self.task))
+                elif decoded.action == "explain":
+                    explanations = self.explain(images, options)
+                    responses[idx] = self.answer(context, idx, protocol, start,
+                                                 *protocol.encode_explanation(decoded, explanations))
+                else:
+                    accepted.append((idx, protocol, decoded, options, len(images)))
+                    tensors.extend(images)
             except RequestError as err:
                 context.set_response_status(err.status, err.type, idx=idx)
                 responses[idx] = self.respond(context, idx, *protocol.encode_error(err))
-                continue
-            if decoded.action == "metadata":
-                responses[idx] = self.respond(context, idx, *protocol.metadata(decoded, self.task))
-                continue
-            accepted.append((idx, protocol, decoded, options, len(images)))
-            tensors.extend(images)
+                self.telemetry.request(protocol.name, err.status, err.type)
         if tensors:
             scores = self.inference(torch.stack(tensors))
-            start = 0
+            first = 0
             for idx, protocol, decoded, options, count in accepted:
-                rows = scores[start:start + count]
-                start += count
-                responses[idx] = self.respond(context, idx, *protocol.encode(decoded, self.task, rows, options))
+                rows = scores[first:first + count]
+                first += count
+                responses[idx] = self.answer(context, idx, protocol, start,
+                                             *protocol.encode(decoded, self.task, rows, options))
         return responses
+
+    def answer(self, context, idx: int, protocol, start: float, body, content_type: str, headers: dict):
+        """A successful answer: counted, timed from the batch's start, and handed to TorchServe."""
+        self.telemetry.request(protocol.name, 200)
+        self.telemetry.seconds("request", time.perf_counter() - start)
+        return self.respond(context, idx, body, content_type, headers)

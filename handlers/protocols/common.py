@@ -56,3 +56,13 @@ def body_bytes(request: dict) -> bytes:
     """The raw body TorchServe passed (the plugin forwards it as the "body" parameter)."""
     value = request.get("body", b"")
     return value.encode("utf-8") if isinstance(value, str) else bytes(value or b"")
+
+
+HEATMAP_DECIMALS = 3  # 0.001 of the peak: finer than any colour map shows, and a compact answer
+
+
+def explanation_json(explanation: dict) -> dict:
+    """One image's explanation as JSON: the method, the target class and the heatmap [h][w] in [0, 1]."""
+    heatmap = explanation["heatmap"]
+    return {"method": explanation["method"], "target": explanation["target"], "shape": list(heatmap.shape),
+            "heatmap": [[round(value, HEATMAP_DECIMALS) for value in row] for row in heatmap.tolist()]}

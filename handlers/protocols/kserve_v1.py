@@ -1,9 +1,12 @@
 """KServe's v1 protocol, as tvserve's frontend plugin forwards it (`tvserve-protocol: v1`):
 `POST /v1/models/M:predict` with {"instances": [{"b64": "<image>"}, ...], "parameters": {"topk": k}}
-answers {"predictions": [<the task's answer per image>, ...]}; errors are {"error": "..."}."""
+answers {"predictions": [<the task's answer per image>, ...]}; `:explain` answers
+{"explanations": [{"method", "target", "shape", "heatmap"}, ...]}; errors are {"error": "..."}."""
 
 from handlers.errors import RequestError
-from handlers.protocols.common import ACTION_HEADER, JSON, Decoded, body_bytes, header, json_payload, strict_base64
+from handlers.protocols.common import (
+    ACTION_HEADER, JSON, Decoded, body_bytes, explanation_json, header, json_payload, strict_base64,
+)
 
 
 def instance_image(instance, index: int) -> bytes:
@@ -30,6 +33,9 @@ class KServeV1:
 
     def encode(self, decoded: Decoded, task, scores, options: dict) -> tuple:
         return {"predictions": [task.postprocess(row, options) for row in scores]}, JSON, {}
+
+    def encode_explanation(self, decoded: Decoded, explanations: list) -> tuple:
+        return {"explanations": [explanation_json(explanation) for explanation in explanations]}, JSON, {}
 
     def encode_error(self, error: RequestError) -> tuple:
         return {"error": error.message}, JSON

@@ -9,6 +9,8 @@ Outputs: the task's tensors (classification: probabilities FP32 [N, classes], la
 indices INT64, scores FP32 [N, k]); the request's `outputs` selects them (default: all but
 probabilities) and each one's `parameters.binary_data` (or the request's `binary_data_output`)
 sends it as binary data. `parameters` carries the task's options (topk).
+`POST .../explain` (tvserve's extension) answers heatmap FP32 [N, h, w] in [0, 1] and target INT64 [N]
+(`parameters.target`: a class index or label, default the top-1).
 Errors: {"error": "..."} with the RequestError's status.
 """
 
@@ -200,7 +202,9 @@ class OpenInference:
         images = read_input(payload["inputs"][0], Binary(binary))
         if "id" in payload:
             reply["id"] = str(payload["id"])
-        reply["outputs"] = requested_outputs(payload, [spec["name"] for spec in task.output_metadata()])
+        known = [spec["name"] for spec in task.output_metadata()]
+        reply["outputs"] = requested_outputs(payload, known) if action != "explain" else \
+            {"heatmap": bool(parameters(payload).get("binary_data_output", False))}
         options = {name: parameters(payload).get(name) for name in task.option_names}
         options = {name: None if value is None else str(value) for name, value in options.items()}
         return Decoded(images, options, action, reply)
@@ -211,9 +215,19 @@ class OpenInference:
         return body, JSON, {}
 
     def encode(self, decoded: Decoded, task, scores, options: dict) -> tuple:
-        tensors = task.tensors(scores, options)
+        return self.encode_tensors(decoded, task.tensors(scores, options), decoded.reply["outputs"])
+
+    def encode_explanation(self, decoded: Decoded, explanations: list) -> tuple:
+        """Outputs heatmap FP32 [N, h, w] in [0, 1] and target INT64 [N] (the explained class)."""
+        tensors = {"heatmap": ("FP32", np.stack([e["heatmap"].numpy() for e in explanations]).astype(np.float32)),
+                   "target": ("INT64", np.array([e["target"]["index"] for e in explanations], dtype=np.int64))}
+        binary = any(decoded.reply["outputs"].values())
+        return self.encode_tensors(decoded, tensors, {name: binary for name in tensors})
+
+    def encode_tensors(self, decoded: Decoded, tensors: dict, outputs: dict) -> tuple:
+        """{name: (datatype, array)} -> the response, with `outputs` ({name: binary?}) in their order."""
         entries, chunks = [], []
-        for name, binary in decoded.reply["outputs"].items():
+        for name, binary in outputs.items():
             datatype, array = tensors[name]
             entry, raw = encode_tensor(name, datatype, array, binary)
             entries.append(entry)

@@ -8,7 +8,7 @@ drops the query string of /predictions/NAME; /NAME/predict keeps it.)
 """
 
 from handlers.errors import RequestError
-from handlers.protocols.common import JSON, Decoded, header, json_payload, strict_base64
+from handlers.protocols.common import JSON, Decoded, explanation_json, header, json_payload, strict_base64
 
 IMAGE_FIELDS = ("body", "data", "file", "image")  # preferred fields, in order
 
@@ -25,7 +25,8 @@ class PredictionsJSON:
 
     def decode(self, request: dict, headers: dict, task) -> Decoded:
         """One TorchServe request -> one image and the task's options (raw)."""
-        return Decoded(*self.image_and_options(request, headers, task.option_names))
+        action = "explain" if header(headers, "explain") == "True" else "infer"  # TorchServe's /explanations
+        return Decoded(*self.image_and_options(request, headers, task.option_names), action)
 
     def image_and_options(self, request: dict, headers: dict, option_names=()) -> tuple:
         """([image bytes], {option: raw value or None}) from one TorchServe request."""
@@ -50,6 +51,9 @@ class PredictionsJSON:
     def encode(self, decoded: Decoded, task, scores, options: dict) -> tuple:
         """The task's answer for the request's one image: (JSON body, content type, headers)."""
         return task.postprocess(scores[0], options), JSON, {}
+
+    def encode_explanation(self, decoded: Decoded, explanations: list) -> tuple:
+        return explanation_json(explanations[0]), JSON, {}
 
     def encode_error(self, error: RequestError) -> tuple:
         return {"code": error.status, "type": error.type, "message": error.message}, JSON

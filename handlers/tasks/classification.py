@@ -22,7 +22,7 @@ def as_text(value) -> str:
 
 class Classification:
     name = "classification"
-    option_names = ("topk",)
+    option_names = ("topk", "target")
     PARITY_TOLERANCE = PARITY_TOLERANCE
     parity_what = "probabilities"
 
@@ -37,16 +37,36 @@ class Classification:
                              "it must give one logit per label, shape (1, n_labels).")
 
     def parse_options(self, raw: dict) -> dict:
-        """{"topk": k}: a whole number from 1 to the number of labels (default 5, capped)."""
-        text = raw.get("topk")
+        """{"topk": k, "target": class index or None}. topk: a whole number from 1 to the number of
+        labels (default 5, capped); target (explanations): a class index or label (default: the top-1)."""
+        return {"topk": self.parse_topk(raw.get("topk")), "target": self.parse_target(raw.get("target"))}
+
+    def parse_topk(self, text) -> int:
         if text is None:
-            return {"topk": min(DEFAULT_TOPK, len(self.labels))}
+            return min(DEFAULT_TOPK, len(self.labels))
         text = as_text(text).strip()
         if not text.isdigit() or not 1 <= int(text) <= len(self.labels):
             raise RequestError(
                 400, "InvalidParameter", f"topk must be a whole number from 1 to {len(self.labels)}, got {text!r}."
             )
-        return {"topk": int(text)}
+        return int(text)
+
+    def parse_target(self, text):
+        if text is None:
+            return None
+        text = as_text(text).strip()
+        if text in self.labels:
+            return self.labels.index(text)
+        if text.isdigit() and int(text) < len(self.labels):
+            return int(text)
+        raise RequestError(400, "InvalidParameter", f"target must be a class index from 0 to "
+                           f"{len(self.labels) - 1} or one of the labels, got {text!r}.")
+
+    def explain_target(self, probabilities: torch.Tensor, options: dict) -> dict:
+        """The class to explain for one image's probabilities Tensor[n_labels]: the requested target,
+        else the top-1: {"label", "index", "probability"}."""
+        index = options["target"] if options["target"] is not None else int(probabilities.argmax())
+        return {"label": self.labels[index], "index": index, "probability": float(probabilities[index])}
 
     @staticmethod
     def scores(outputs: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ public abstract class ProtocolEndpoint extends ModelServerEndpoint {
     static final String ACTION_HEADER = "tvserve-action";
     static final String VERSION_HEADER = "tvserve-model-version";
     static final String MODEL_HEADER = "tvserve-model-name";
+    static final String ARRIVAL_HEADER = "tvserve-received-ms"; // the queue time metric (handlers/telemetry.py)
     static final Gson GSON = new com.google.gson.GsonBuilder().disableHtmlEscaping().create();
 
     protected ProtocolEndpoint() {
@@ -163,6 +164,7 @@ public abstract class ProtocolEndpoint extends ModelServerEndpoint {
      */
     static void forward(Request req, Response rsp, Model model, String protocol, String action)
             throws IOException {
+        long arrival = System.currentTimeMillis();
         FullHttpRequest netty = nettyRequest(req);
         RequestInput input = new RequestInput(UUID.randomUUID().toString());
         for (Map.Entry<String, String> header : netty.headers().entries()) {
@@ -172,6 +174,7 @@ public abstract class ProtocolEndpoint extends ModelServerEndpoint {
         input.updateHeaders(ACTION_HEADER, action);
         input.updateHeaders(VERSION_HEADER, model.getVersion());
         input.updateHeaders(MODEL_HEADER, model.getModelName());
+        input.updateHeaders(ARRIVAL_HEADER, Long.toString(arrival));
         input.updateHeaders("explain", "explain".equals(action) ? "True" : "False");
         byte[] body;
         try {
