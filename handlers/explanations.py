@@ -1,9 +1,13 @@
-"""Explanations: where in the image the model looked for a class, as a small heatmap.
+"""Explanations: where in the image the model looked for a class, as a small heatmap in [0, 1].
 
-Grad-CAM (Captum's LayerGradCam) on the model's last convolution: one forward and one backward per
-image, a heatmap at that layer's grid (the book's Net on 32x32 digits: 16x16; resnet18 at 224: 7x7),
-ReLU'd and scaled to [0, 1]. Integrated Gradients (Captum, IG_STEPS steps, i.e. that many forward
-and backward passes) is the fallback for a model without a convolution, averaged down to GRID x GRID.
+Two methods (Captum), chosen by the model's input size from what was measured here (1 thread):
+- Integrated Gradients, IG_STEPS steps (that many forward and backward passes), |attribution|
+  summed over channels and averaged down to GRID x GRID: for small inputs (crop <= IG_MAX_CROP).
+  The book's Net on 32x32 digits: 146 ms an image, and on 40 held-out digits the heatmap's mean on
+  the strokes was above its mean on the background for 40 of 40 (median ratio 2.3).
+- Grad-CAM (LayerGradCam) on the last convolution, ReLU'd, at that layer's grid: for photo-size
+  inputs. resnet18 at 224: 106 ms (7x7) where Integrated Gradients takes 2.6 s. (On the digits Net its
+  16x16 map lies mostly on the background: median stroke/background ratio 0.10.)
 Both run on the eager model (loaded on the first explanation), whatever backend serves inference.
 """
 
@@ -17,6 +21,7 @@ log = logging.getLogger(__name__)
 
 GRID = 14  # Integrated Gradients' heatmap side
 IG_STEPS = 16  # bounded cost: 16 forward+backward passes per image
+IG_MAX_CROP = 64  # above this input side, Integrated Gradients costs seconds on a CPU: Grad-CAM
 
 
 def last_conv(model: torch.nn.Module):
@@ -27,14 +32,15 @@ def last_conv(model: torch.nn.Module):
 class Explainer:
     """Heatmaps [h, w] float32 in [0, 1] for a batch of preprocessed images and their target classes."""
 
-    def __init__(self, model: torch.nn.Module, method: str = None):
-        """`method`: "gradcam" or "integrated_gradients"; by default Grad-CAM where the model has a
-        convolution (measured cheaper and sharper here: see the README's Explanations)."""
+    def __init__(self, model: torch.nn.Module, crop: int, method: str = None):
+        """`method`: "gradcam" or "integrated_gradients"; by default chosen from the input side `crop`
+        (see above), Integrated Gradients for a model without a convolution."""
         from captum.attr import IntegratedGradients, LayerGradCam  # imported by the worker anyway
 
         self.model = model.eval()
         layer = last_conv(model)
-        self.method = method or ("gradcam" if layer is not None else "integrated_gradients")
+        big = crop > IG_MAX_CROP and layer is not None
+        self.method = method or ("gradcam" if big else "integrated_gradients")
         if self.method == "gradcam":
             self.attribution = LayerGradCam(model, layer)
         else:

@@ -29,7 +29,7 @@ class Telemetry:
 
     def __init__(self, context):
         self.metrics = getattr(context, "metrics", None)
-        self.model = context.model_name
+        self.model = getattr(context, "model_name", None)
         manifest = getattr(context, "manifest", None) or {}
         self.version = str(manifest.get("model", {}).get("modelVersion", "1.0"))
 

@@ -129,7 +129,7 @@ class TvserveHandler:
         """Preprocessed images -> one explanation each: the target class (the requested one, else the
         top-1) and its heatmap Tensor[h, w] in [0, 1] (handlers/explanations.py)."""
         if self.explainer is None:
-            self.explainer = Explainer(load_model(self.model_dir, self.record))
+            self.explainer = Explainer(load_model(self.model_dir, self.record), self.record.preset.crop)
         batch = torch.stack(images)
         targets = [self.task.explain_target(row, options) for row in self.inference(batch)]
         heatmaps, seconds = self.explainer(batch, [target["index"] for target in targets])
