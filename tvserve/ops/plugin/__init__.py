@@ -10,7 +10,9 @@ requests to the model's worker as an inference job with `tvserve-protocol` and `
 headers. The handler (handlers/protocols/) does all decoding and encoding.
 
 The plugin is compiled with the JDK's `javac` against the installed TorchServe's jar the first time a
-server starts (about 3 s), and cached by the hash of its sources and of that jar.
+server starts (about 5 s), and cached by the hash of its sources and of that jar. `python -m
+tvserve.ops.plugin` builds it into the installed package itself (the container's build stage does,
+so that its runtime needs only a JRE).
 """
 
 import hashlib
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 SOURCES = Path(__file__).resolve().parent
 ENDPOINTS = ("tvserve.plugin.OpenInferenceEndpoint", "tvserve.plugin.KServeV1Endpoint")
 SERVICE_FILE = "META-INF/services/org.pytorch.serve.servingsdk.ModelServerEndpoint"
+PREBUILT = SOURCES / "build"  # where `python -m tvserve.ops.plugin` puts it
 
 
 def frontend_jar() -> Path:
@@ -48,7 +51,10 @@ def build_plugin(cache: Path) -> Path:
     """A folder holding the compiled plugin jar, for TorchServe's `--plugins-path`; built once per
     source version under `cache`. Raises TvserveError when no JDK (`javac`, `jar`) is at hand."""
     jar = frontend_jar()
-    folder = Path(cache) / f"plugin-{fingerprint(jar)}"
+    name = f"plugin-{fingerprint(jar)}"
+    if (PREBUILT / name / "tvserve-protocols.jar").is_file():
+        return PREBUILT / name
+    folder = Path(cache) / name
     if (folder / "tvserve-protocols.jar").is_file():
         return folder
     javac, jar_tool = shutil.which("javac"), shutil.which("jar")
@@ -73,3 +79,8 @@ def run(command: list) -> None:
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise TvserveError(f"Building tvserve's TorchServe plugin failed ({command[0]}):\n{result.stderr[-2000:]}")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    build_plugin(PREBUILT)
