@@ -59,4 +59,5 @@ def test_kserve_v1_and_oip_explain_give_the_same_heatmap(server, digit_files):
     outputs = {output["name"]: output for output in v2.json()["outputs"]}
     assert outputs["heatmap"]["shape"] == [1, *reference["shape"]]
     assert outputs["target"]["data"] == [reference["target"]["index"]]
-    assert np.allclose(np.array(outputs["heatmap"]["data"]).reshape(reference["shape"]), reference["heatmap"], atol=1e-3)
+    heatmap = np.array(outputs["heatmap"]["data"]).reshape(reference["shape"])
+    assert np.allclose(heatmap, reference["heatmap"], atol=1e-3)

@@ -30,6 +30,12 @@ class Decoded:
     reply: dict = field(default_factory=dict)
 
 
+def compact(body) -> bytes:
+    """JSON without spaces: TorchServe would otherwise indent a dict answer (2-space, one value a line),
+    which triples a heatmap's or a tensor's size."""
+    return json.dumps(body, separators=(",", ":")).encode("utf-8")
+
+
 def header(headers: dict, name: str):
     """A request header's value, whatever the case the client sent its name in."""
     return next((value for key, value in headers.items() if key.lower() == name.lower()), None)

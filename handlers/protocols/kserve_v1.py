@@ -5,7 +5,7 @@ answers {"predictions": [<the task's answer per image>, ...]}; `:explain` answer
 
 from handlers.errors import RequestError
 from handlers.protocols.common import (
-    ACTION_HEADER, JSON, Decoded, body_bytes, explanation_json, header, json_payload, strict_base64,
+    ACTION_HEADER, JSON, Decoded, body_bytes, compact, explanation_json, header, json_payload, strict_base64,
 )
 
 
@@ -32,10 +32,10 @@ class KServeV1:
         return Decoded(images, options, header(headers, ACTION_HEADER) or "infer")
 
     def encode(self, decoded: Decoded, task, scores, options: dict) -> tuple:
-        return {"predictions": [task.postprocess(row, options) for row in scores]}, JSON, {}
+        return compact({"predictions": [task.postprocess(row, options) for row in scores]}), JSON, {}
 
     def encode_explanation(self, decoded: Decoded, explanations: list) -> tuple:
-        return {"explanations": [explanation_json(explanation) for explanation in explanations]}, JSON, {}
+        return compact({"explanations": [explanation_json(explanation) for explanation in explanations]}), JSON, {}
 
     def encode_error(self, error: RequestError) -> tuple:
-        return {"error": error.message}, JSON
+        return compact({"error": error.message}), JSON

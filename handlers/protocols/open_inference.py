@@ -14,7 +14,6 @@ sends it as binary data. `parameters` carries the task's options (topk).
 Errors: {"error": "..."} with the RequestError's status.
 """
 
-import json
 import math
 import struct
 
@@ -22,7 +21,8 @@ import numpy as np
 
 from handlers.errors import RequestError
 from handlers.protocols.common import (
-    ACTION_HEADER, JSON, MODEL_HEADER, VERSION_HEADER, Decoded, body_bytes, header, json_payload, strict_base64,
+    ACTION_HEADER, JSON, MODEL_HEADER, VERSION_HEADER, Decoded, body_bytes, compact, header, json_payload,
+    strict_base64,
 )
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -138,7 +138,8 @@ def read_input(tensor, binary: Binary) -> list:
         fail(f"Unknown input {name!r}: send one input, 'image' (BYTES, encoded images) or 'pixels' (UINT8 RGB).")
     if datatype != INPUTS[name]:
         fail(f"Input {name!r} must have datatype {INPUTS[name]}, got {datatype!r}.")
-    size = (tensor.get("parameters") or {}).get("binary_data_size") if isinstance(tensor.get("parameters"), dict) else None
+    options = tensor.get("parameters")
+    size = options.get("binary_data_size") if isinstance(options, dict) else None
     if size is None and "data" not in tensor:
         fail(f"Input {name!r} has no \"data\" and no parameters.binary_data_size.")
     raw = binary.take(size, name) if size is not None else None
@@ -151,14 +152,16 @@ def requested_outputs(payload: dict, known: list) -> dict:
     outputs = payload.get("outputs")
     if outputs is None:
         return {name: default_binary for name in known if name != "probabilities"}
-    if not isinstance(outputs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outputs):
+    if not isinstance(outputs, list) or not all(isinstance(output, dict) and isinstance(output.get("name"), str)
+                                                for output in outputs):
         fail('"outputs" must be a list of objects with a "name".', "InvalidBody")
     chosen = {}
     for output in outputs:
         if output["name"] not in known:
             fail(f"Unknown output {output['name']!r}; this model has {', '.join(known)}.", "InvalidBody")
         options = output.get("parameters") or {}
-        chosen[output["name"]] = bool(options.get("binary_data", default_binary)) if isinstance(options, dict) else default_binary
+        binary = options.get("binary_data", default_binary) if isinstance(options, dict) else default_binary
+        chosen[output["name"]] = bool(binary)
     return chosen
 
 
@@ -212,7 +215,7 @@ class OpenInference:
     def metadata(self, decoded: Decoded, task) -> tuple:
         body = {"name": decoded.reply["model_name"], "versions": [decoded.reply["model_version"]],
                 "platform": "pytorch_torchserve", "inputs": input_metadata(), "outputs": task.output_metadata()}
-        return body, JSON, {}
+        return compact(body), JSON, {}
 
     def encode(self, decoded: Decoded, task, scores, options: dict) -> tuple:
         return self.encode_tensors(decoded, task.tensors(scores, options), decoded.reply["outputs"])
@@ -235,9 +238,9 @@ class OpenInference:
         body = {key: decoded.reply[key] for key in ("model_name", "model_version", "id") if key in decoded.reply}
         body["outputs"] = entries
         if not any(chunks):
-            return body, JSON, {}
-        head = json.dumps(body).encode("utf-8")
+            return compact(body), JSON, {}
+        head = compact(body)
         return head + b"".join(chunks), BINARY, {HEADER_LENGTH: str(len(head))}
 
     def encode_error(self, error: RequestError) -> tuple:
-        return {"error": error.message}, JSON
+        return compact({"error": error.message}), JSON

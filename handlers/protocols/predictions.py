@@ -8,7 +8,7 @@ drops the query string of /predictions/NAME; /NAME/predict keeps it.)
 """
 
 from handlers.errors import RequestError
-from handlers.protocols.common import JSON, Decoded, explanation_json, header, json_payload, strict_base64
+from handlers.protocols.common import JSON, Decoded, compact, explanation_json, header, json_payload, strict_base64
 
 IMAGE_FIELDS = ("body", "data", "file", "image")  # preferred fields, in order
 
@@ -53,7 +53,7 @@ class PredictionsJSON:
         return task.postprocess(scores[0], options), JSON, {}
 
     def encode_explanation(self, decoded: Decoded, explanations: list) -> tuple:
-        return explanation_json(explanations[0]), JSON, {}
+        return compact(explanation_json(explanations[0])), JSON, {}
 
     def encode_error(self, error: RequestError) -> tuple:
         return {"code": error.status, "type": error.type, "message": error.message}, JSON
