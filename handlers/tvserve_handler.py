@@ -4,11 +4,13 @@ Lifecycle, in the TorchServe worker:
 - `initialize(context)` once: reads the archive's record (tvserve.json, handlers/record.py), sets
   its thread budget, checks the sha256 of the weights (or of the exported model), loads the
   recorded runtime (handlers/runtimes.py; eager on a GPU), and builds the task
-  (handlers/tasks/), the protocol (handlers/protocols/) and the preprocessing (handlers/devices.py).
-- `handle(data, context)` per batch: the protocol decodes each request into image bytes and
-  options, the preprocessor turns the bytes into a tensor (a client mistake gets its own 4xx, the
-  rest of the batch still runs), one forward under `torch.inference_mode()`, then the task's
-  answer per request, encoded by the protocol.
+  (handlers/tasks/), the preprocessing (handlers/devices.py) and its metrics (handlers/telemetry.py).
+- `handle(data, context)` per batch: each request's protocol (handlers/protocols/: `/predictions`
+  JSON, or OIP v2 / KServe v1 as tvserve's frontend plugin marks them) decodes it into images and
+  options, the preprocessor turns each image into a tensor (a client mistake gets its own 4xx, the
+  rest of the batch still runs), one forward under `torch.inference_mode()` for every image of
+  the batch, then the task's answer per request, encoded by its protocol. Metadata requests are
+  answered without a forward; explanations (handlers/explanations.py) run apart, on the eager model.
 - The management API's `GET /models/NAME?customized=true` gets the archive's record.
 
 Everything here imports torch, torchvision, PIL, the runtime's library and the files shipped in
