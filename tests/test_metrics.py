@@ -86,3 +86,12 @@ def test_a_worker_restart_is_counted(server):
         time.sleep(0.5)
     assert starts(scrape(server)) == before + 1
     assert post_image(server, MODEL, b"").status_code == 400  # and it serves again
+
+
+def test_requests_the_frontend_refuses_are_counted_apart(server):
+    rejected = lambda samples: total(samples, "tvserve_frontend_rejections_total", protocol="v2", status=404)
+    before = rejected(scrape(server))
+    for path in ("no_such_model/infer", f"{MODEL}/versions/9.9/infer"):
+        response = requests.post(f"{server.inference_url}/v2/models/{path}", json={"inputs": []}, timeout=30)
+        assert response.status_code == 404
+    assert rejected(scrape(server)) == before + 2

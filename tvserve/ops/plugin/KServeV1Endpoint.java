@@ -48,7 +48,7 @@ public class KServeV1Endpoint extends ProtocolEndpoint {
             body.addProperty("ready", ready(model));
             json(rsp, ready(model) ? 200 : 503, body);
         } catch (ClientError e) {
-            error(rsp, e.status, e.getMessage());
+            reject(rsp, PROTOCOL, e);
         }
     }
 
@@ -65,7 +65,7 @@ public class KServeV1Endpoint extends ProtocolEndpoint {
             Model model = model(last.substring(0, colon), null);
             forward(req, rsp, model, PROTOCOL, verb.equals("predict") ? "infer" : "explain");
         } catch (ClientError e) {
-            error(rsp, e.status, e.getMessage());
+            reject(rsp, PROTOCOL, e);
         }
     }
 

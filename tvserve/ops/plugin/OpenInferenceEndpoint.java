@@ -58,7 +58,7 @@ public class OpenInferenceEndpoint extends ProtocolEndpoint {
                 }
             }
         } catch (ClientError e) {
-            error(rsp, e.status, e.getMessage());
+            reject(rsp, PROTOCOL, e);
         }
     }
 
@@ -72,7 +72,7 @@ public class OpenInferenceEndpoint extends ProtocolEndpoint {
             }
             forward(req, rsp, model(target.model, target.version), PROTOCOL, target.action);
         } catch (ClientError e) {
-            error(rsp, e.status, e.getMessage());
+            reject(rsp, PROTOCOL, e);
         }
     }
 

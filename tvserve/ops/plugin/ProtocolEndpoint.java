@@ -41,6 +41,13 @@ public abstract class ProtocolEndpoint extends ModelServerEndpoint {
     static final String ARRIVAL_HEADER = "tvserve-received-ms"; // the queue time metric (handlers/telemetry.py)
     static final Gson GSON = new com.google.gson.GsonBuilder().disableHtmlEscaping().create();
 
+    /** Requests answered by the plugin itself with a 4xx (no model's worker saw them); no model label:
+     *  an unknown model's name is the client's and would make series without bound. */
+    static final io.prometheus.client.Counter REJECTED = io.prometheus.client.Counter.build()
+            .name("tvserve_frontend_rejections_total")
+            .help("Requests refused by tvserve's frontend plugin before any worker saw them")
+            .labelNames("protocol", "status").register();
+
     protected ProtocolEndpoint() {
         BodyKeeper.installSoon();
     }
@@ -139,6 +146,12 @@ public abstract class ProtocolEndpoint extends ModelServerEndpoint {
         rsp.setStatus(status);
         rsp.setContentType("application/json");
         rsp.getOutputStream().write(GSON.toJson(body).getBytes(StandardCharsets.UTF_8));
+    }
+
+    /** A client mistake seen by the frontend: counted, then answered with {"error": message}. */
+    static void reject(Response rsp, String protocol, ClientError mistake) throws IOException {
+        REJECTED.labels(protocol, Integer.toString(mistake.status)).inc();
+        error(rsp, mistake.status, mistake.getMessage());
     }
 
     static void error(Response rsp, int status, String message) throws IOException {
