@@ -1,13 +1,15 @@
 """Explanations: where in the image the model looked for a class, as a small heatmap in [0, 1].
 
-Two methods (Captum), chosen by the model's input size from what was measured here (1 thread):
+Two methods (Captum), chosen by the model's input size from what was measured here (1 thread,
+OMP_WAIT_POLICY=PASSIVE as in the workers):
 - Integrated Gradients, IG_STEPS steps (that many forward and backward passes), |attribution|
   summed over channels and averaged down to GRID x GRID: for small inputs (crop <= IG_MAX_CROP).
-  The book's Net on 32x32 digits: 146 ms an image, and on 40 held-out digits the heatmap's mean on
-  the strokes was above its mean on the background for 40 of 40 (median ratio 2.3).
+  The book's Net on 32x32 digits: 13 ms an image (Grad-CAM: 0.5 ms), and on 40 held-out digits
+  the heatmap's mean on the strokes was above its mean on the background for 40 of 40 (median
+  ratio 2.3), where Grad-CAM's 16x16 map lies mostly on the background (median ratio 0.10).
 - Grad-CAM (LayerGradCam) on the last convolution, ReLU'd, at that layer's grid: for photo-size
-  inputs. resnet18 at 224: 106 ms (7x7) where Integrated Gradients takes 2.6 s. (On the digits Net its
-  16x16 map lies mostly on the background: median stroke/background ratio 0.10.)
+  inputs. resnet18 at 224: 106 ms for 7x7, where Integrated Gradients takes 2.6 s (23-25x in
+  two runs at different loads).
 Both run on the eager model (loaded on the first explanation), whatever backend serves inference.
 """
 
