@@ -17,6 +17,7 @@ so that its runtime needs only a JRE).
 
 import hashlib
 import logging
+import os
 import shutil
 import subprocess
 import tempfile
@@ -61,16 +62,16 @@ def build_plugin(cache: Path) -> Path:
     if not javac or not jar_tool:
         raise TvserveError("tvserve's /v2 and /v1 routes need a JDK 17 to compile its TorchServe plugin: "
                            "install openjdk-17-jdk-headless (javac) and retry.")
-    with tempfile.TemporaryDirectory() as tmp:
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # same file system: the rename below is atomic
         classes = Path(tmp) / "classes"
         run([javac, "-nowarn", "-cp", str(jar), "-d", str(classes), *map(str, sorted(SOURCES.glob("*.java")))])
         service = classes / SERVICE_FILE
         service.parent.mkdir(parents=True)
-        service.write_text("".join(f"{name}\n" for name in ENDPOINTS))
+        service.write_text("".join(f"{endpoint}\n" for endpoint in ENDPOINTS))
         staging = Path(tmp) / "tvserve-protocols.jar"
         run([jar_tool, "cf", str(staging), "-C", str(classes), "."])
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.move(staging, folder / "tvserve-protocols.jar")
+        os.replace(staging, folder / "tvserve-protocols.jar")  # servers starting at once never see half a jar
     log.info("built the TorchServe protocol plugin in %s", folder)
     return folder
 
