@@ -187,3 +187,10 @@ def test_kserve_v1_mistakes_get_a_4xx(server, body, status, words):
     assert response.status_code == status and words in response.json()["error"]
     missing = requests.post(f"{server.inference_url}/v1/models/nope:predict", json=body, timeout=30)
     assert missing.status_code == 404 and "served models" in missing.json()["error"]
+
+
+@pytest.mark.parametrize("method", ["HEAD", "OPTIONS", "PATCH"])
+def test_methods_the_protocols_do_not_have_get_a_405_not_a_500(server, method):
+    for path in ("/v2/health/live", f"/v2/models/{MODEL}/infer", f"/v1/models/{MODEL}"):
+        response = requests.request(method, f"{server.inference_url}{path}", timeout=30)
+        assert response.status_code == 405, (method, path, response.text)

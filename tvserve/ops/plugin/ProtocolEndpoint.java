@@ -49,7 +49,7 @@ public abstract class ProtocolEndpoint extends ModelServerEndpoint {
             .labelNames("protocol", "status").register();
 
     protected ProtocolEndpoint() {
-        BodyKeeper.installSoon();
+        EndpointPool.installSoon();
     }
 
     /** A client mistake the frontend can see: answered with its status and {"error": message}. */
