@@ -1,15 +1,17 @@
 """Where the work runs: the model on the worker's device (a GPU TorchServe assigned, else the CPU),
 and decoding and preprocessing apart from it.
 
-A preprocessor turns one request's image bytes into the model's input, Tensor[3, H, W] float32
-(the preset's crop for classification; see handlers/preprocessing.py), or raises a RequestError. Today's is PIL on the CPU (exact: equal to the weights' own
-`transforms()`); a GPU one (nvJPEG batch decode, resize on the device) is one new class registered
-in PREPROCESSORS and chosen by the record.
+A preprocessor turns one image (encoded bytes, or RGB pixels uint8 [H, W, 3]) into the model's
+input, Tensor[3, H, W] float32 (the preset's crop for classification; see
+handlers/preprocessing.py), or raises a RequestError. Today's is PIL on the CPU (exact: equal to the
+weights' own `transforms()`); a GPU one (nvJPEG batch decode, resize on the device) is one new class
+registered in PREPROCESSORS and chosen by the record.
 """
 
+import numpy as np
 import torch
 
-from handlers.images import open_image
+from handlers.images import open_image, open_pixels
 from handlers.preprocessing import build_transform
 from handlers.record import Preset
 
@@ -29,12 +31,18 @@ class PilPreprocessing:
         # lossy, opt-in; only where the preset resizes (detection answers in the decoded image's pixels)
         self.draft_min_side = 2 * preset.resize if preset.jpeg_draft and preset.resize else None
 
-    def __call__(self, data: bytes) -> torch.Tensor:
+    def decode(self, data):
+        """Encoded image bytes, or RGB pixels uint8 [H, W, 3] -> an upright RGB PIL image."""
+        if isinstance(data, np.ndarray):
+            return open_pixels(data)
+        return open_image(data, draft_min_side=self.draft_min_side)
+
+    def __call__(self, data) -> torch.Tensor:
         return self.prepare(data)[0]
 
-    def prepare(self, data: bytes) -> tuple:
+    def prepare(self, data) -> tuple:
         """(model input Tensor[3, H', W'] float32, (height, width) of the upright image as sent, px)."""
-        image = open_image(data, draft_min_side=self.draft_min_side)
+        image = self.decode(data)
         return self.transform(image), (image.height, image.width)
 
 

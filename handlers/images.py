@@ -59,6 +59,15 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS, draft_min_side: int = 
         raise corrupt(f"{image.format} image", err) from None
 
 
+def open_pixels(pixels: np.ndarray, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """RGB pixels uint8 [H, W, 3] -> an RGB image (the same size limit as encoded images)."""
+    height, width = pixels.shape[:2]
+    if width * height > max_pixels:
+        raise RequestError(413, "ImageTooLarge",
+                           f"The pixels are {width}x{height} = {width * height}; the limit is {max_pixels}.")
+    return Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), "RGB")
+
+
 def draft(image: Image.Image, min_side: int) -> None:
     """Asks libjpeg to decode `image` scaled down by 2, 4 or 8 in the DCT domain, as far as its
     shorter side stays >= `min_side`. Callers pass twice the preset's resize, so the final

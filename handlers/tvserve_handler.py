@@ -4,12 +4,14 @@ Lifecycle, in the TorchServe worker:
 - `initialize(context)` once: reads the archive's record (tvserve.json, handlers/record.py), sets
   its thread budget, checks the sha256 of the weights (or of the exported model), loads the
   recorded runtime (handlers/runtimes.py; eager on a GPU), and builds the task
-  (handlers/tasks/), the protocol (handlers/protocols/) and the preprocessing (handlers/devices.py).
-- `handle(data, context)` per batch: the protocol decodes each request into image bytes and
-  options, the preprocessor turns the bytes into a tensor (a client mistake gets its own 4xx, the
+  (handlers/tasks/), the preprocessing (handlers/devices.py) and its metrics (handlers/telemetry.py).
+- `handle(data, context)` per batch: each request's protocol (handlers/protocols/: `/predictions`
+  JSON, or OIP v2 / KServe v1 as tvserve's frontend plugin marks them) decodes it into images and
+  options, the preprocessor turns each image into a tensor (a client mistake gets its own 4xx, the
   rest of the batch still runs), the task makes the batch (stacked for classification, a list of
   images of their own sizes for detection) and runs the forward under `torch.inference_mode()`,
-  then the task's answer per request, encoded by the protocol.
+  then the task's answer per request, encoded by its protocol. Metadata requests are answered
+  without a forward; explanations (handlers/explanations.py) run apart, on the eager model.
 - The management API's `GET /models/NAME?customized=true` gets the archive's record.
 
 Everything here imports torch, torchvision, PIL, the runtime's library and the files shipped in
@@ -20,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -27,11 +30,14 @@ import torch
 from handlers.budget import thread_budget
 from handlers.devices import PREPROCESSORS, model_device
 from handlers.errors import RequestError
+from handlers.explanations import Explainer
 from handlers.models import load_model
-from handlers.protocols import DEFAULT_PROTOCOL, PROTOCOLS
+from handlers.protocols import DEFAULT_PROTOCOL, PROTOCOLS, protocol_for
+from handlers.protocols.common import header
 from handlers.record import Backend, Record
 from handlers.runtimes import get_runtime, load_runner, set_threads
 from handlers.tasks import get_task
+from handlers.telemetry import ARRIVAL_HEADER, Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -76,24 +82,75 @@ class TvserveHandler:
         self.task = get_task(self.record.task, self.record.labels, self.record.keypoint_names)
         self.protocol = PROTOCOLS[DEFAULT_PROTOCOL]
         self.preprocessor = PREPROCESSORS["pil"](self.record.preset)
+        self.model_dir, self.explainer = model_dir, None  # the explainer is loaded on first use
+        self.telemetry = Telemetry(context)
+        self.telemetry.worker_started()
         self.initialized = True
         log.info("tvserve: loaded %s (%s), %d labels, backend %s on %s, %d threads", self.record.name,
                  self.record.source, len(self.record.labels), self.backend, device, threads)
 
+    def decode(self, protocol, request: dict, headers: dict) -> tuple:
+        """One request -> (Decoded, [Tensor[3, H, W] float32 per image], options: the task's, and
+        "image_size" / "image_sizes", the (height, width) of the first / each upright image as sent).
+        Raises RequestError for client mistakes; in a several-image request it names the image."""
+        if protocol.name not in self.task.protocols:
+            raise RequestError(400, "UnsupportedProtocol",
+                               f"{self.record.name} is a {self.task.name} model: it answers on "
+                               f"/predictions/{self.record.name} only.")
+        decoded = protocol.decode(request, headers, self.task)
+        if decoded.action == "explain" and not hasattr(self.task, "explain_target"):
+            raise RequestError(400, "UnsupportedExplanation",
+                               f"Explanations are for classification models; {self.record.name} is a {self.task.name} model.")
+        if decoded.action == "metadata":
+            return decoded, [], {}
+        options = self.task.parse_options(decoded.options)
+        prepared = [self.preprocess_image(image, i, len(decoded.images)) for i, image in enumerate(decoded.images)]
+        sizes = [size for _, size in prepared]
+        return decoded, [tensor for tensor, _ in prepared], {**options, "image_size": sizes[0], "image_sizes": sizes}
+
+    def preprocess_image(self, image, index: int, count: int) -> tuple:
+        """Decodes and preprocesses one image, timing each stage: (Tensor[3, H, W], (height, width))."""
+        try:
+            start = time.perf_counter()
+            picture = self.preprocessor.decode(image)
+            decoded = time.perf_counter()
+            tensor = self.preprocessor.transform(picture)
+        except RequestError as err:
+            if count == 1:
+                raise
+            raise RequestError(err.status, err.type, f"Image {index}: {err.message}") from None
+        self.telemetry.seconds("decode", decoded - start)
+        self.telemetry.seconds("preprocess", time.perf_counter() - decoded)
+        return tensor, (picture.height, picture.width)
+
     def preprocess(self, request: dict, headers: dict):
-        """One request -> (Tensor[3, H, W] float32, options: the task's, and "image_size", the
-        (height, width) of the upright image as sent). Raises RequestError for client mistakes."""
-        data, raw_options = self.protocol.decode(request, headers, self.task.option_names)
-        options = self.task.parse_options(raw_options)
-        tensor, size = self.preprocessor.prepare(data)
-        return tensor, {**options, "image_size": size}
+        """One /predictions request -> (Tensor[3, H, W] float32, options: the task's, and
+        "image_size", the (height, width) of the upright image as sent) (the bench's and tools' entry)."""
+        _, tensors, options = self.decode(self.protocol, request, headers)
+        return tensors[0], options
 
     def inference(self, batch):
         """The task's model input (classification: Tensor[N, 3, crop, crop]; detection and
         segmentation: a list of Tensor[3, H, W]) -> the task's scores for each image
         (classification: probabilities Tensor[N, n_labels]; detection: a dict per image)."""
+        start = time.perf_counter()
         with torch.inference_mode():
-            return self.task.scores(self.task.forward(self.runner, batch))
+            scores = self.task.scores(self.task.forward(self.runner, batch))
+        self.telemetry.seconds("inference", time.perf_counter() - start)
+        self.telemetry.batch(len(batch))
+        return scores
+
+    def explain(self, images: list, options: dict) -> list:
+        """Preprocessed images -> one explanation each: the target class (the requested one, else the
+        top-1) and its heatmap Tensor[h, w] in [0, 1] (handlers/explanations.py)."""
+        if self.explainer is None:
+            self.explainer = Explainer(load_model(self.model_dir, self.record), self.record.preset.crop)
+        batch = torch.stack(images)
+        targets = [self.task.explain_target(row, options) for row in self.inference(batch)]
+        heatmaps, seconds = self.explainer(batch, [target["index"] for target in targets])
+        self.telemetry.seconds("explain", seconds)
+        return [{"method": self.explainer.method, "target": target, "heatmap": heatmap}
+                for target, heatmap in zip(targets, heatmaps)]
 
     def postprocess(self, scores: torch.Tensor, options: dict):
         return self.task.postprocess(scores, options)
@@ -104,24 +161,50 @@ class TvserveHandler:
         with busy_marker():
             return self.handle_batch(data, context)
 
-    def respond(self, context, idx: int, body, content_type: str):
+    def respond(self, context, idx: int, body, content_type: str, headers: dict = None):
         context.set_response_content_type(idx, content_type)
+        for key, value in (headers or {}).items():
+            context.set_response_header(idx, key, value)
         return body
 
     def handle_batch(self, data, context):
+        """Decodes each request with its protocol; answers its mistakes, metadata and explanations at
+        once; runs every other accepted image in one forward; encodes each request's rows with its
+        protocol. Every answer is counted by protocol, status and error type."""
+        start = time.perf_counter()
         responses = [None] * len(data)
         accepted, tensors = [], []
         for idx, request in enumerate(data):
+            headers = context.get_all_request_header(idx)
+            protocol = protocol_for(headers)
+            self.telemetry.queued(header(headers, ARRIVAL_HEADER))
             try:
-                tensor, options = self.preprocess(request, context.get_all_request_header(idx))
+                decoded, images, options = self.decode(protocol, request, headers)
+                if decoded.action == "metadata":
+                    responses[idx] = self.answer(context, idx, protocol, start, *protocol.metadata(decoded, self.task))
+                elif decoded.action == "explain":
+                    explanations = self.explain(images, options)
+                    responses[idx] = self.answer(context, idx, protocol, start,
+                                                 *protocol.encode_explanation(decoded, explanations))
+                else:
+                    accepted.append((idx, protocol, decoded, options, len(images)))
+                    tensors.extend(images)
             except RequestError as err:
                 context.set_response_status(err.status, err.type, idx=idx)
-                responses[idx] = self.respond(context, idx, *self.protocol.encode_error(err))
-                continue
-            accepted.append((idx, options))
-            tensors.append(tensor)
+                responses[idx] = self.respond(context, idx, *protocol.encode_error(err))
+                self.telemetry.request(protocol.name, err.status, err.type)
         if tensors:
             scores = self.inference(self.task.batch(tensors))
-            for (idx, options), row in zip(accepted, scores):
-                responses[idx] = self.respond(context, idx, *self.protocol.encode(self.postprocess(row, options)))
+            first = 0
+            for idx, protocol, decoded, options, count in accepted:
+                rows = scores[first:first + count]
+                first += count
+                responses[idx] = self.answer(context, idx, protocol, start,
+                                             *protocol.encode(decoded, self.task, rows, options))
         return responses
+
+    def answer(self, context, idx: int, protocol, start: float, body, content_type: str, headers: dict):
+        """A successful answer: counted, timed from the batch's start, and handed to TorchServe."""
+        self.telemetry.request(protocol.name, 200)
+        self.telemetry.seconds("request", time.perf_counter() - start)
+        return self.respond(context, idx, body, content_type, headers)

@@ -1,6 +1,7 @@
 """Safe by default, and faults survived: the production configuration, safe loading, client
 retries, a killed worker, overload, and an honest readiness check."""
 
+import base64
 import contextlib
 import json
 import logging
@@ -73,6 +74,18 @@ def test_production_inference_needs_the_token(production, digit_files):
     token = production.keys()["inference"]
     answer = client.predict("digits_net", image, url=url, token=token)
     assert answer[0]["label"] == str(digit_files[0][1])
+
+
+def test_production_protocol_routes_need_the_token_too(production, digit_files):
+    url = production.inference_url.replace("0.0.0.0", "127.0.0.1")
+    body = {"instances": [{"b64": base64.b64encode(digit_files[0][0].read_bytes()).decode()}]}
+    for path in ("/v2/health/ready", "/v2/models/digits_net"):
+        assert requests.get(f"{url}{path}", timeout=30).status_code in (400, 401)
+    assert requests.post(f"{url}/v1/models/digits_net:predict", json=body, timeout=30).status_code in (400, 401)
+    token = client.bearer(production.keys()["inference"])
+    assert requests.get(f"{url}/v2/health/ready", headers=token, timeout=30).json() == {"ready": True}
+    answer = requests.post(f"{url}/v1/models/digits_net:predict", json=body, headers=token, timeout=30)
+    assert answer.json()["predictions"][0][0]["label"] == str(digit_files[0][1])
 
 
 def test_production_key_file_is_private_and_outside_the_model_store(production):

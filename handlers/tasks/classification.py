@@ -1,6 +1,7 @@
 """Image classification: logits Tensor[N, n_labels] -> the top-k labels with their softmax
 probabilities, most probable first: [{"label": "tabby", "index": 281, "probability": 0.93}, ...]."""
 
+import numpy as np
 import torch
 
 from handlers.errors import RequestError
@@ -21,7 +22,8 @@ def as_text(value) -> str:
 
 class Classification:
     name = "classification"
-    option_names = ("topk",)
+    protocols = ("predictions", "v2", "v1")  # the protocols whose answers it has: /predictions JSON, OIP v2, KServe v1
+    option_names = ("topk", "target")
     PARITY_TOLERANCE = PARITY_TOLERANCE
     parity_what = "probabilities"
 
@@ -54,16 +56,36 @@ class Classification:
                              "it must give one logit per label, shape (1, n_labels).")
 
     def parse_options(self, raw: dict) -> dict:
-        """{"topk": k}: a whole number from 1 to the number of labels (default 5, capped)."""
-        text = raw.get("topk")
+        """{"topk": k, "target": class index or None}. topk: a whole number from 1 to the number of
+        labels (default 5, capped); target (explanations): a class index or label (default: the top-1)."""
+        return {"topk": self.parse_topk(raw.get("topk")), "target": self.parse_target(raw.get("target"))}
+
+    def parse_topk(self, text) -> int:
         if text is None:
-            return {"topk": min(DEFAULT_TOPK, len(self.labels))}
+            return min(DEFAULT_TOPK, len(self.labels))
         text = as_text(text).strip()
         if not text.isdigit() or not 1 <= int(text) <= len(self.labels):
             raise RequestError(
                 400, "InvalidParameter", f"topk must be a whole number from 1 to {len(self.labels)}, got {text!r}."
             )
-        return {"topk": int(text)}
+        return int(text)
+
+    def parse_target(self, text):
+        if text is None:
+            return None
+        text = as_text(text).strip()
+        if text in self.labels:
+            return self.labels.index(text)
+        if text.isdigit() and int(text) < len(self.labels):
+            return int(text)
+        raise RequestError(400, "InvalidParameter", f"target must be a class index from 0 to "
+                           f"{len(self.labels) - 1} or one of the labels, got {text!r}.")
+
+    def explain_target(self, probabilities: torch.Tensor, options: dict) -> dict:
+        """The class to explain for one image's probabilities Tensor[n_labels]: the requested target,
+        else the top-1: {"label", "index", "probability"}."""
+        index = options["target"] if options["target"] is not None else int(probabilities.argmax())
+        return {"label": self.labels[index], "index": index, "probability": float(probabilities[index])}
 
     @staticmethod
     def scores(outputs: torch.Tensor) -> torch.Tensor:
@@ -79,3 +101,20 @@ class Classification:
         values, indices = probabilities.topk(options["topk"])
         return [{"label": self.labels[index], "index": index, "probability": value}
                 for value, index in zip(values.tolist(), indices.tolist())]
+
+    def output_metadata(self) -> list:
+        """The answer as named tensors (name, datatype, shape; -1 where it varies), for tensor protocols."""
+        n = len(self.labels)
+        return [{"name": "labels", "datatype": "BYTES", "shape": [-1, -1]},
+                {"name": "indices", "datatype": "INT64", "shape": [-1, -1]},
+                {"name": "scores", "datatype": "FP32", "shape": [-1, -1]},
+                {"name": "probabilities", "datatype": "FP32", "shape": [-1, n]}]
+
+    def tensors(self, probabilities: torch.Tensor, options: dict) -> dict:
+        """Probabilities Tensor[N, n_labels] -> {name: (datatype, array)}: the top-k labels [N, k]
+        (text), indices [N, k] int64 and scores [N, k] float32, and every probability [N, n_labels]."""
+        values, indices = probabilities.float().topk(options["topk"], dim=1)
+        labels = np.array([[self.labels[i] for i in row] for row in indices.tolist()], dtype=object)
+        return {"labels": ("BYTES", labels), "indices": ("INT64", indices.numpy().astype(np.int64)),
+                "scores": ("FP32", values.numpy().astype(np.float32)),
+                "probabilities": ("FP32", probabilities.float().numpy().astype(np.float32))}

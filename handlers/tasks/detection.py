@@ -64,6 +64,7 @@ def max_gap(a: torch.Tensor, b: torch.Tensor) -> float:
 
 class Detection:
     name = "detection"
+    protocols = ("predictions",)  # answered as /predictions JSON only (the tensor protocols carry classification)
     option_names = ("threshold", "max_detections")
     PARITY_TOLERANCE = PARITY_TOLERANCE
     parity_what = "boxes or scores"

@@ -39,6 +39,7 @@ def to_image_size(class_map: torch.Tensor, size: tuple) -> torch.Tensor:
 
 class SemanticSegmentation:
     name = "semantic_segmentation"
+    protocols = ("predictions",)  # answered as /predictions JSON only (the tensor protocols carry classification)
     option_names = ()
     PARITY_TOLERANCE = PARITY_TOLERANCE
     parity_what = "class maps"

@@ -22,6 +22,7 @@ from tvserve.build.mar import read_model_config, registered_name
 from tvserve.ops import logs, state
 from tvserve.ops.client import KEY_FILE, read_keys
 from tvserve.ops.management import model_status, readiness
+from tvserve.ops.plugin import build_plugin
 from tvserve.ops.properties import read_properties
 from tvserve.ops.stopping import DRAIN_SECONDS, signal_group, stop_group
 
@@ -29,6 +30,11 @@ log = logging.getLogger(__name__)
 
 EXTRA_STARTUP_SECONDS = 30  # JVM start and worker spawn, on top of the archives' startupTimeout
 FAILED_LOADS_BEFORE_GIVING_UP = 2  # TorchServe retries a dead worker forever, with backoff
+
+
+def plugin_cache() -> Path:
+    """Where the compiled frontend plugin is kept between servers (keyed by its sources' hash)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tvserve"
 
 
 class Server:
@@ -117,7 +123,7 @@ class Server:
         command = [
             str(Path(sys.executable).with_name("torchserve")), "--start", "--foreground", "--ncs",
             "--model-store", str(self.model_store), "--ts-config", str(self.config),
-            "--models", self.models,
+            "--models", self.models, "--plugins-path", str(build_plugin(plugin_cache())),
         ]
         if self.properties.get("tvserve_lean_logs") == "true":
             (self.workdir / "log4j2.xml").write_text(logs.log4j2_xml())
