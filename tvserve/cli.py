@@ -14,6 +14,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 
 from training.errors import TrainingError
@@ -191,6 +192,7 @@ def cmd_serve(args):
         raise TvserveError(f"No archives in {server.model_store}. Run `tvserve prepare` or `tvserve archive ...`.")
     print(f"Starting TorchServe with {', '.join(models)} (logs: {server.log_dir}) ...", flush=True)
     server.start()
+    probe = start_probe(server) if not args.detach else None
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C: drained, exit 0
     detached = False
     try:
@@ -206,10 +208,44 @@ def cmd_serve(args):
         code = server.process.wait()
         raise TvserveError(f"TorchServe exited with code {code}.\n{server.console_tail()}")
     except KeyboardInterrupt:
+        leave_pool(server, probe)
         print("\nStopping TorchServe: letting accepted requests finish ...", flush=True)
     finally:
         if not detached:
             server.stop()
+        if probe is not None:
+            probe.close()
+
+
+def start_probe(server):
+    """The /ready, /live and /metrics endpoint (tvserve/ops/probe.py) where the configuration
+    names an address for it; None where it does not."""
+    from tvserve.ops.probe import PROBE_PROPERTY, Probe
+
+    address = server.properties.get(PROBE_PROPERTY)
+    if not address:
+        return None
+    try:
+        probe = Probe(server, address).start()
+    except OSError as err:
+        server.stop()
+        raise TvserveError(f"The probe cannot listen on {address} ({err}): free that port or set "
+                           f"{PROBE_PROPERTY} (TVSERVE_PROBE_ADDRESS in the container) to another.") from None
+    print(f"  probe:      {address}/ready, /live, /metrics", flush=True)
+    return probe
+
+
+def leave_pool(server, probe) -> None:
+    """Before draining: /ready answers 503 for the configured seconds, so that load balancers and
+    Kubernetes' endpoints stop sending requests while TorchServe still accepts them."""
+    from tvserve.ops.probe import UNREADY_PROPERTY
+
+    seconds = float(server.properties.get(UNREADY_PROPERTY, 0))
+    if probe is None or seconds <= 0:
+        return
+    probe.stopping()
+    print(f"\nNot ready (503 on /ready) for {seconds:g} s so that balancers stop routing ...", flush=True)
+    time.sleep(seconds)
 
 
 def print_try_line(server, model: str) -> None:
