@@ -7,6 +7,7 @@ Examples:
     tvserve predict resnet18 cat.jpg --topk 3
     tvserve describe model_store/resnet18.mar
     tvserve zoo
+    tvserve export kserve kserve-models/                 # KServe's storage layout from model_store/
 """
 
 import argparse
@@ -262,6 +263,14 @@ def print_try_line(server, model: str) -> None:
           flush=True)
 
 
+def cmd_export_kserve(args):
+    from tvserve.ops.kserve import export_kserve
+
+    written = export_kserve(args.model_store, args.dest, force=args.force)
+    print(f"{len(written) - 1} archive(s) and {written[0]} written: copy {args.dest} to your storageUri "
+          "(deploy/kserve/README.md)")
+
+
 def cmd_stop(args):
     from tvserve.ops.server import stop_recorded
 
@@ -412,6 +421,14 @@ def get_parser(with_training: bool = True):
     serve.add_argument("--timeout", type=float, help="s to wait for READY (default: archives' startupTimeout)")
     serve.add_argument("--detach", action="store_true", help="return once ready, leaving the server running")
     serve.set_defaults(func=cmd_serve)
+
+    export = commands.add_parser("export", help="write a model store in another serving system's layout")
+    targets = export.add_subparsers(dest="target", required=True)
+    kserve = targets.add_parser("kserve", parents=[model_store], help="KServe's TorchServe runtime: "
+                                "DEST/config/config.properties and DEST/model-store/*.mar")
+    kserve.add_argument("dest", type=Path)
+    kserve.add_argument("--force", action="store_true", help="write into a folder that is not empty")
+    kserve.set_defaults(func=cmd_export_kserve)
 
     health = commands.add_parser("health", parents=[server_files], help="exit 0 only when every model's workers are READY")
     health.set_defaults(func=cmd_health)
