@@ -160,6 +160,8 @@ def test_service_autoscaler_and_scrape_names_match_the_server():
     assert pods_metrics == [probe.INFLIGHT_METRIC]
     adapter = yaml.safe_load((KUBERNETES / "prometheus-adapter" / "config.yaml").read_text())
     assert [rule["name"]["as"] for rule in adapter["rules"]["custom"]] == [probe.INFLIGHT_METRIC]
+    policy_ports = [port["port"] for rule in by_kind(resources, "NetworkPolicy")["spec"]["ingress"] for port in rule["ports"]]
+    assert sorted(policy_ports) == sorted(p["name"] for p in container["ports"])
     selector = deployment["spec"]["selector"]["matchLabels"]
     assert by_kind(resources, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"] == selector
     assert service["spec"]["selector"] == selector

@@ -114,7 +114,7 @@ class Replica:
 
 def kill_leftovers(folder: Path) -> None:
     """Workers whose frontend was killed with -9 may outlive it: end those started for `folder`."""
-    marker = str(folder)
+    marker = str(folder) + os.sep  # LOG_LOCATION is FOLDER/work/logs (tvserve/ops/server.py)
     for process in psutil.process_iter(["pid", "cmdline", "environ"]):
         try:
             environment = process.info["environ"] or {}
