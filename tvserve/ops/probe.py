@@ -121,7 +121,7 @@ class Probe:
 
     def start(self) -> "Probe":
         self.thread.start()
-        log.info("probe: %s%s, %s, %s", self.address, READY_PATH, LIVE_PATH, METRICS_PATH)
+        log.debug("probe: %s%s, %s, %s", self.address, READY_PATH, LIVE_PATH, METRICS_PATH)
         return self
 
     def stopping(self) -> None:
