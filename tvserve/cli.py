@@ -241,10 +241,12 @@ def leave_pool(server, probe) -> None:
     Kubernetes' endpoints stop sending requests while TorchServe still accepts them."""
     from tvserve.ops.probe import UNREADY_PROPERTY
 
-    seconds = float(server.properties.get(UNREADY_PROPERTY, 0))
-    if probe is None or seconds <= 0:
+    if probe is None:
         return
-    probe.stopping()
+    probe.stopping()  # 503 from now on, through the drain
+    seconds = float(server.properties.get(UNREADY_PROPERTY, 0))
+    if seconds <= 0:
+        return
     print(f"\nNot ready (503 on /ready) for {seconds:g} s so that balancers stop routing ...", flush=True)
     time.sleep(seconds)
 
