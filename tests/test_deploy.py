@@ -4,6 +4,7 @@ the InferenceServices against KServe's CRD schema (deploy/kserve/schema/), and e
 port, environment variable and metric name they use checked against what tvserve really serves."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -167,3 +168,12 @@ def test_service_autoscaler_and_scrape_names_match_the_server():
     selector = deployment["spec"]["selector"]["matchLabels"]
     assert by_kind(resources, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"] == selector
     assert service["spec"]["selector"] == selector
+
+
+def test_thread_budget_follows_the_cpu_limit_the_pod_passes(monkeypatch):
+    from handlers.budget import cores_per_worker, thread_budget
+
+    monkeypatch.setenv(CPUS_ENV, "4")  # the Deployment's limits.cpu, on a node with more cores
+    assert cores_per_worker(2) == 2 and thread_budget({"minWorkers": 4}) == 1
+    monkeypatch.delenv(CPUS_ENV)
+    assert cores_per_worker(1) == (os.cpu_count() or 1)
