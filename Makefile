@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 # pip's local-mirror notices ("... is ignored") say nothing about the install: keep them out.
 PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup serve test archives clean image image-test bench bench-smoke
+.PHONY: setup serve test archives clean image image-test bench bench-smoke cluster-test deploy-check
 
 $(INSTALLED): pyproject.toml
 	@scripts/check_java.sh
@@ -41,6 +41,13 @@ image:  ## the container image, localhost/tvserve:latest (buildah: no Docker eng
 
 image-test: image  ## run the image, predict from the host with its token, stop it, check it stopped cleanly
 	scripts/container/test.sh
+
+cluster-test: setup  ## 3 replicas behind HAProxy: kill -9, rolling update 1.0 -> 2.0, throughput (~6 min; needs haproxy, wrk)
+	$(BIN)/python -m tvserve.tools.cluster --json .tvserve/cluster.json
+
+deploy-check: setup  ## deploy/: render, validate against Kubernetes' and KServe's schemas, lint with checkov
+	$(BIN)/pytest tests/test_deploy.py -q
+	scripts/deploy/lint.sh
 
 clean:
 	rm -rf .tvserve runs model_store/*.mar

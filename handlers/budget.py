@@ -4,9 +4,17 @@
 import os
 
 
+CPUS_ENV = "TVSERVE_CPUS"  # cores this server may use; Kubernetes sets it from the container's CPU limit
+
+
+def cores() -> int:
+    """TVSERVE_CPUS where set (a container sees the node's CPUs, not its limit), else this machine's."""
+    return int(os.environ.get(CPUS_ENV) or os.cpu_count() or 1)
+
+
 def cores_per_worker(workers: int) -> int:
-    """This machine's cores shared evenly among `workers` (at least 1)."""
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
+    """The cores (see `cores`) shared evenly among `workers` (at least 1)."""
+    return max(1, cores() // max(1, workers))
 
 
 def thread_budget(model_yaml_config: dict) -> int:

@@ -9,6 +9,7 @@ Examples:
     tvserve predict maskrcnn_resnet50_fpn street.jpg --threshold 0.7 --draw drawn/
     tvserve describe model_store/resnet18.mar
     tvserve zoo
+    tvserve export kserve kserve-models/                 # KServe's storage layout from model_store/
 """
 
 import argparse
@@ -16,6 +17,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 
 from training.errors import TrainingError
@@ -198,6 +200,7 @@ def cmd_serve(args):
         raise TvserveError(f"No archives in {server.model_store}. Run `tvserve prepare` or `tvserve archive ...`.")
     print(f"Starting TorchServe with {', '.join(models)} (logs: {server.log_dir}) ...", flush=True)
     server.start()
+    probe = start_probe(server) if not args.detach else None
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C: drained, exit 0
     detached = False
     try:
@@ -213,10 +216,46 @@ def cmd_serve(args):
         code = server.process.wait()
         raise TvserveError(f"TorchServe exited with code {code}.\n{server.console_tail()}")
     except KeyboardInterrupt:
+        leave_pool(server, probe)
         print("\nStopping TorchServe: letting accepted requests finish ...", flush=True)
     finally:
         if not detached:
             server.stop()
+        if probe is not None:
+            probe.close()
+
+
+def start_probe(server):
+    """The /ready, /live and /metrics endpoint (tvserve/ops/probe.py) where the configuration
+    names an address for it; None where it does not."""
+    from tvserve.ops.probe import PROBE_PROPERTY, Probe
+
+    address = server.properties.get(PROBE_PROPERTY)
+    if not address:
+        return None
+    try:
+        probe = Probe(server, address).start()
+    except OSError as err:
+        server.stop()
+        raise TvserveError(f"The probe cannot listen on {address} ({err}): free that port or set "
+                           f"{PROBE_PROPERTY} (TVSERVE_PROBE_ADDRESS in the container) to another.") from None
+    print(f"  probe:      {address}/ready, /live, /metrics", flush=True)
+    return probe
+
+
+def leave_pool(server, probe) -> None:
+    """Before draining: /ready answers 503 for the configured seconds, so that load balancers and
+    Kubernetes' endpoints stop sending requests while TorchServe still accepts them."""
+    from tvserve.ops.probe import UNREADY_PROPERTY
+
+    if probe is None:
+        return
+    probe.stopping()  # 503 from now on, through the drain
+    seconds = float(server.properties.get(UNREADY_PROPERTY, 0))
+    if seconds <= 0:
+        return
+    print(f"\nNot ready (503 on /ready) for {seconds:g} s so that balancers stop routing ...", flush=True)
+    time.sleep(seconds)
 
 
 def print_try_line(server, model: str) -> None:
@@ -231,6 +270,14 @@ def print_try_line(server, model: str) -> None:
     print(f"  try: curl -H \"Authorization: Bearer $(python3 -c 'import json; "
           f"print(json.load(open(\"{key_file}\"))[\"inference\"][\"key\"])')\" -T IMAGE {local}/predictions/{model}",
           flush=True)
+
+
+def cmd_export_kserve(args):
+    from tvserve.ops.kserve import export_kserve
+
+    written = export_kserve(args.model_store, args.dest, force=args.force)
+    print(f"{len(written) - 1} archive(s) and {written[0]} written: copy {args.dest} to your storageUri "
+          "(deploy/kserve/README.md)")
 
 
 def cmd_stop(args):
@@ -393,6 +440,14 @@ def get_parser(with_training: bool = True):
     serve.add_argument("--timeout", type=float, help="s to wait for READY (default: archives' startupTimeout)")
     serve.add_argument("--detach", action="store_true", help="return once ready, leaving the server running")
     serve.set_defaults(func=cmd_serve)
+
+    export = commands.add_parser("export", help="write a model store in another serving system's layout")
+    targets = export.add_subparsers(dest="target", required=True)
+    kserve = targets.add_parser("kserve", parents=[model_store], help="KServe's TorchServe runtime: "
+                                "DEST/config/config.properties and DEST/model-store/*.mar")
+    kserve.add_argument("dest", type=Path)
+    kserve.add_argument("--force", action="store_true", help="write into a folder that is not empty")
+    kserve.set_defaults(func=cmd_export_kserve)
 
     health = commands.add_parser("health", parents=[server_files], help="exit 0 only when every model's workers are READY")
     health.set_defaults(func=cmd_health)

@@ -6,6 +6,8 @@
 #   TVSERVE_MANAGEMENT_ADDRESS  default http://127.0.0.1:8081 (loopback: set http://0.0.0.0:8081 to publish it)
 #   TVSERVE_METRICS_ADDRESS     default http://127.0.0.1:8082 (likewise)
 #   TVSERVE_GRPC_INFERENCE_PORT, TVSERVE_GRPC_MANAGEMENT_PORT   default 7070, 7071 (loopback)
+#   TVSERVE_PROBE_ADDRESS       default http://127.0.0.1:8083: /ready, /live, /metrics (Kubernetes: 0.0.0.0)
+#   TVSERVE_UNREADY_SECONDS     default 0: /ready says 503 this long after SIGTERM, before the drain
 # The defaults are config.production.properties' own. Extra arguments go to `tvserve serve`.
 set -eu
 workdir=${TVSERVE_WORKDIR:-/var/lib/tvserve}
@@ -21,5 +23,7 @@ set_property management_address "${TVSERVE_MANAGEMENT_ADDRESS:-}"
 set_property metrics_address "${TVSERVE_METRICS_ADDRESS:-}"
 set_property grpc_inference_port "${TVSERVE_GRPC_INFERENCE_PORT:-}"
 set_property grpc_management_port "${TVSERVE_GRPC_MANAGEMENT_PORT:-}"
+set_property tvserve_probe_address "${TVSERVE_PROBE_ADDRESS:-}"
+set_property tvserve_unready_seconds "${TVSERVE_UNREADY_SECONDS:-}"
 
 exec tvserve serve --production --config "$config" --workdir "$workdir" "$@"

@@ -19,9 +19,9 @@ mapfile -t entrypoint < <(config_list 'd["OCIv1"]["config"].get("Entrypoint")')
 mapfile -t healthcheck < <(config_list '(d["Docker"]["config"].get("Healthcheck") or {}).get("Test")')
 [ "${healthcheck[0]:-}" = CMD ] || die "The image has no exec-form HEALTHCHECK (got: ${healthcheck[*]:-none})."
 healthcheck=("${healthcheck[@]:1}")
-read -r inference management metrics grpc1 grpc2 < <(python3 -c '
+read -r inference management metrics grpc1 grpc2 probe < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(5)]
+socks = [socket.socket() for _ in range(6)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))')
 
@@ -49,7 +49,8 @@ trap cleanup EXIT
   --env TVSERVE_INFERENCE_ADDRESS="http://127.0.0.1:$inference" \
   --env TVSERVE_MANAGEMENT_ADDRESS="http://127.0.0.1:$management" \
   --env TVSERVE_METRICS_ADDRESS="http://127.0.0.1:$metrics" \
-  --env TVSERVE_GRPC_INFERENCE_PORT="$grpc1" --env TVSERVE_GRPC_MANAGEMENT_PORT="$grpc2" "$container"
+  --env TVSERVE_GRPC_INFERENCE_PORT="$grpc1" --env TVSERVE_GRPC_MANAGEMENT_PORT="$grpc2" \
+  --env TVSERVE_PROBE_ADDRESS="http://127.0.0.1:$probe" "$container"
 run=("${BUILDAH[@]}" run --isolation chroot --network host --volume "$state:/var/lib/tvserve" "$container" --)
 in_container() { "${run[@]}" "$@"; }
 # The container's PID 1: buildah run -> buildah-chroot-runtime -> buildah-chroot-exec -> it.
@@ -78,6 +79,9 @@ until in_container "${healthcheck[@]}" > "$state.health" 2>&1; do
   sleep 2
 done
 echo "HEALTHCHECK passed after $((SECONDS - start)) s (failed $failed times while starting): $(tail -n 1 "$state.health")"
+# The probe endpoint a kubelet or a balancer asks (tvserve/ops/probe.py): every model READY.
+python3 -c "import sys, urllib.request; print('/ready:', urllib.request.urlopen(sys.argv[1], timeout=10).read().decode().strip())" \
+  "http://127.0.0.1:$probe/ready" || die "The probe's /ready did not answer 200 once the HEALTHCHECK passed."
 
 # One held-out digit of each class, written by the image's own Python (the host needs no torch).
 in_container python -c '

@@ -34,7 +34,8 @@ def free_port() -> int:
 def free_ports_config(base: Path, dest: Path) -> Path:
     """A copy of config `base` with every port moved to a free one, each on its own host."""
     properties = read_properties(base)
-    for key in ("inference_address", "management_address", "metrics_address"):
+    optional = [key for key in ("tvserve_probe_address",) if key in properties]  # tvserve/ops/probe.py
+    for key in ("inference_address", "management_address", "metrics_address", *optional):
         host = properties.get(key, "http://127.0.0.1:0").rsplit(":", 1)[0]
         properties[key] = f"{host}:{free_port()}"
     for key in ("grpc_inference_port", "grpc_management_port"):
