@@ -139,12 +139,15 @@ def cmd_evaluate(args):
 
 
 def cmd_bench(args):
-    from tvserve.tools.bench import BenchConfig, run, write
+    from tvserve.tools.bench import SYSTEMS, BenchConfig, run, write
 
     config = BenchConfig(models=tuple(args.models.split(",")), images=tuple(args.images.split(",")),
                          concurrency=tuple(int(c) for c in args.concurrency.split(",")),
                          duration=args.duration, warmup=args.warmup, out=args.out, work=args.work,
-                         http=not args.no_http)
+                         http=not args.no_http, systems=tuple(args.systems.split(",")), calibration=args.calibration)
+    unknown = set(config.systems) - set(SYSTEMS)
+    if unknown or "tvserve" not in config.systems:
+        raise TvserveError(f"--systems takes tvserve (always) and any of {', '.join(SYSTEMS[1:])}; got {args.systems!r}.")
     if args.smoke:  # seconds: checks the harness, measures nothing worth reporting
         config.models, config.images, config.concurrency = ("net",), ("0.1MP",), (1, 4)
         config.duration, config.warmup, config.out = 1.0, 1.0, config.work / "smoke"
@@ -268,7 +271,8 @@ def cmd_describe(args):
         if record.backend and record.backend.quantization:  # the measured cost, readable, beside the JSON
             from tvserve.build.calibration import summary
 
-            print(f"{target.name}: {summary(record.backend.quantization, record.backend.precision)}", file=sys.stderr)
+            precision = record.backend.precision
+            print(f"{target.name}: {precision}: {summary(record.backend.quantization, precision)}", file=sys.stderr)
         return
     print(json.dumps(client.describe_model(args.target, management_url=args.management_url,
                                            token=keys(args).get("management")), indent=2))
@@ -375,6 +379,10 @@ def get_parser(with_training: bool = True):
     bench.add_argument("--out", type=Path, default=Path("benchmarks"), help="where latest.md and latest.json go")
     bench.add_argument("--work", type=Path, default=Path(".tvserve/bench"), help="archives, images, server logs")
     bench.add_argument("--no-http", action="store_true", help="in-process rows only (no Java or wrk here)")
+    bench.add_argument("--systems", default="tvserve,draft,int8,stock", help="comma-separated: tvserve (fp32, always) "
+                       "and draft (--jpeg-draft), int8 (--precision int8), stock (TorchServe's own handler)")
+    bench.add_argument("--calibration", type=Path, help="int8 calibration images for the torchvision model (default: "
+                       "crops of the benchmark photos, timing only)")
     bench.add_argument("--smoke", action="store_true", help="a seconds-long run of the book's Net that checks the harness")
     bench.set_defaults(func=cmd_bench)
 

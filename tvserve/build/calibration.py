@@ -81,9 +81,10 @@ def preprocess(paths: list, preset: Preset) -> torch.Tensor:
     return torch.stack(tensors)
 
 
-def read_calibration(folder, preset: Preset, labels: list) -> CalibrationSet:
-    """The calibration set of `folder`. Its images are labelled when every one sits in a sub-folder
-    named after one of the model's labels (an image folder of class sub-folders)."""
+def split_files(folder, labels: list) -> tuple:
+    """(calibrate files, held-out files, held-out label indices or None) of a calibration folder.
+    Its images are labelled when every one sits in a sub-folder named after one of the model's
+    labels (an image folder of class sub-folders); the split is then made per label."""
     folder = Path(folder)
     if not folder.is_dir():
         raise TvserveError(f"--calibration {folder} is not a folder: give a folder of images (a few hundred "
@@ -103,10 +104,16 @@ def read_calibration(folder, preset: Preset, labels: list) -> CalibrationSet:
         raise TvserveError(f"--calibration {folder}: no image is left to measure on; add images.")
     log.info("calibration: %d images from %s, %d to calibrate, %d held out%s", len(files), folder, len(calibrate),
              len(held_out), " (labelled by sub-folder)" if labelled else "")
-    pick = lambda indices: [files[i] for i in indices]  # noqa: E731
-    return CalibrationSet(folder=folder, calibrate=preprocess(pick(calibrate), preset),
-                          held_out=preprocess(pick(held_out), preset),
-                          held_out_labels=torch.tensor([found[i] for i in held_out]) if labelled else None)
+    return ([files[i] for i in calibrate], [files[i] for i in held_out],
+            [found[i] for i in held_out] if labelled else None)
+
+
+def read_calibration(folder, preset: Preset, labels: list) -> CalibrationSet:
+    """The calibration set of `folder` (split_files), preprocessed as the worker does."""
+    calibrate, held_out, held_out_labels = split_files(folder, labels)
+    return CalibrationSet(folder=Path(folder), calibrate=preprocess(calibrate, preset),
+                          held_out=preprocess(held_out, preset),
+                          held_out_labels=None if held_out_labels is None else torch.tensor(held_out_labels))
 
 
 def scores(runner, task, images: torch.Tensor) -> torch.Tensor:
@@ -134,7 +141,7 @@ def measure(fp32_runner, int8_runner, task, calibration: CalibrationSet, *, meth
 def summary(cost: Quantization, precision: str = "int8") -> str:
     """One line: the measured cost of `precision` against fp32."""
     agreeing = round(cost.top1_agreement * cost.held_out_images)
-    line = (f"{precision}: top-1 agreement with fp32 {100 * cost.top1_agreement:.1f}% ({agreeing}/"
+    line = (f"top-1 agreement with fp32 {100 * cost.top1_agreement:.1f}% ({agreeing}/"
             f"{cost.held_out_images} held-out images), largest probability change {cost.max_probability_change:.3f}")
     if cost.accuracy_fp32 is not None:
         line += f", accuracy fp32 {100 * cost.accuracy_fp32:.1f}% / {precision} {100 * cost.accuracy_int8:.1f}%"
@@ -148,4 +155,4 @@ def check(cost: Quantization, precision: str = "int8") -> None:
             f"{precision} refused: {summary(cost, precision)}; below --min-agreement {cost.min_agreement:g}. "
             "Calibrate on more (and more typical) images, lower --min-agreement, or archive in fp32."
         )
-    log.info("%s", summary(cost, precision))
+    log.info("%s: %s", precision, summary(cost, precision))

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from handlers.budget import cores_per_worker
-from handlers.runtimes import PRECISIONS
+from handlers.runtimes import PRECISIONS, RUNTIMES, backends_of
 from tvserve import TvserveError
 
 DEFAULT_VERSION = "1.0"
@@ -39,6 +39,10 @@ class ArchiveOptions:
                                "typical), half to calibrate and half to measure the accuracy cost on.")
         if self.precision == "fp32" and self.calibration:
             raise TvserveError("--calibration is for --precision int8; add it, or leave --calibration out.")
+        if self.backend not in (None, "auto") and self.backend in RUNTIMES \
+                and RUNTIMES[self.backend].precision != self.precision:
+            raise TvserveError(f"--backend {self.backend} runs in {RUNTIMES[self.backend].precision}, not "
+                               f"{self.precision}: choose auto or {', '.join(backends_of(self.precision))}.")
         if not 0 <= self.min_agreement <= 1:
             raise TvserveError(f"--min-agreement is a fraction from 0 to 1 (0.99: 99%), got {self.min_agreement}.")
 

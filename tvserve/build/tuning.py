@@ -96,9 +96,9 @@ def candidate_names(wanted: str, precision: str) -> tuple:
     if wanted != "auto" and wanted not in chosen:
         others = f" (it runs in {RUNTIMES[wanted].precision})" if wanted in RUNTIMES else ""
         raise TvserveError(f"Unknown {precision} backend {wanted!r}{others}: choose auto, {', '.join(chosen)}.")
-    if precision == "fp32":
-        return fp32 if wanted == "auto" else tuple(dict.fromkeys(("eager", wanted)))
-    return fp32 + (chosen if wanted == "auto" else (wanted,))
+    if wanted == "auto":
+        return fp32 if precision == "fp32" else fp32 + chosen
+    return tuple(dict.fromkeys(("eager", wanted)))  # eager: the reference, always timed
 
 
 def select_backend(model: torch.nn.Module, task, crop: int, threads: int, wanted: str, folder: Path,
