@@ -94,7 +94,7 @@ def tune(record: Record, weights: Path, model_dir: Path, options: ArchiveOptions
     model with its real weights on the CPU, decides the workers, then picks the backend and the
     batch size from its timings (tuning.py). int8 is calibrated on the user's images and its cost
     measured on the held-out ones (calibration.py); below --min-agreement it is refused."""
-    if options.backend == "eager" and options.workers and options.batch_size and options.precision == "fp32":
+    if options.backend == "eager" and options.workers and options.batch_size:  # (int8 is never eager)
         return options, {"name": "eager", "file": None, "selection": {"wanted": "eager"}}
     task = get_task(record.task, record.labels)
     calibration = options.calibration and read_calibration(options.calibration, record.preset, record.labels)
