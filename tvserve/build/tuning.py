@@ -128,7 +128,8 @@ def select_backend(model: torch.nn.Module, task, crop: int, threads: int, wanted
     finally:
         torch.set_num_threads(previous)
     for candidate in candidates:
-        log.info("backend %-19s %s", candidate["name"], f"{candidate['ms']:.2f} ms/image, parity {candidate['parity']:.1e}"
+        gap = "gap on random inputs" if "precision" in candidate else "parity"  # int8: measured on images instead
+        log.info("backend %-19s %s", candidate["name"], f"{candidate['ms']:.2f} ms/image, {gap} {candidate['parity']:.1e}"
                  if "ms" in candidate else f"refused: {candidate['error']}")
     eligible = [c for c in candidates if RUNTIMES[c["name"]].precision == precision and (wanted in ("auto", c["name"]))]
     passed = [c for c in eligible if "ms" in c]
