@@ -7,6 +7,7 @@ its weights and its runtime. The archiver writes it (tvserve/build/) and the wor
      "preset": {"resize": 256, "crop": 224, "interpolation": "bilinear", "mean": [...], "std": [...]},
      "labels": [...], "weights": {"file": "weights.pt", "sha256": "...", "origin": "file", ...},
      "backend": {"name": "onnxruntime", "file": "model.onnx", "sha256": "...", "selection": {...}},
+       (an int8 archive's backend adds "precision": "int8" and "quantization": {...}, its measured cost)
      "versions": {...}, "created": "...", "extra": {...}}
 
 Archives written before the record had a version (format 1: no "format" key, always
@@ -127,21 +128,52 @@ class Weights(FileEntry):
 
 
 @dataclass
+class Quantization:
+    """What a reduced precision cost, measured at archive time (tvserve/build/calibration.py) on
+    the held-out part of the user's calibration images, preprocessed as the worker does: top-1
+    agreement with the fp32 model (fraction), the largest change of any softmax probability, and,
+    where the folder's sub-folders name the labels, the top-1 accuracy (fraction) of both."""
+
+    method: str
+    calibration_dir: str
+    calibration_images: int  # images the activation ranges were taken from
+    held_out_images: int  # images the numbers below were measured on
+    top1_agreement: float
+    max_probability_change: float
+    min_agreement: float  # the threshold the archive was held to
+    accuracy_fp32: float = None  # None: the images' labels were not known
+    accuracy_int8: float = None
+
+    def to_dict(self) -> dict:
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Quantization":
+        return cls(**{f.name: data.get(f.name) for f in fields(cls) if f.name in data})
+
+
+@dataclass
 class Backend(FileEntry):
     """The runtime the worker runs the model with (handlers/runtimes.py), its exported file (none
-    for eager) and the measurements it was chosen on (tvserve/build/tuning.py)."""
+    for eager), the measurements it was chosen on (tvserve/build/tuning.py) and its precision: fp32
+    (records before int8 existed read as fp32), or int8 with its measured `quantization` cost."""
 
     name: str = "eager"
     selection: dict = field(default_factory=dict)
+    precision: str = "fp32"
+    quantization: Quantization = None
 
     def to_dict(self) -> dict:
-        out = {"name": self.name, "file": self.file, "sha256": self.sha256, "selection": self.selection}
+        out = {"name": self.name, "file": self.file, "sha256": self.sha256, "precision": self.precision,
+               "quantization": self.quantization and self.quantization.to_dict(), "selection": self.selection}
         return {key: value for key, value in out.items() if value is not None}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Backend":
+        quantization = data.get("quantization")
         return cls(name=data["name"], file=data.get("file"), sha256=data.get("sha256"),
-                   selection=dict(data.get("selection") or {}))
+                   selection=dict(data.get("selection") or {}), precision=data.get("precision", "fp32"),
+                   quantization=Quantization.from_dict(quantization) if quantization else None)
 
 
 @dataclass

@@ -1,15 +1,17 @@
 """Runtimes the worker can run a model with, one registry entry each: eager PyTorch (NCHW or
-channels_last), frozen TorchScript, ONNX Runtime and OpenVINO.
+channels_last), frozen TorchScript, ONNX Runtime and OpenVINO in float32, and ONNX Runtime in int8.
 
 An entry names its exported file (none for eager), how to export it from the eager model (used at
-archive time, tvserve/build/tuning.py) and how to load it (used in the worker). Every runner maps a
-float32 Tensor[N, 3, H, W] to the model's raw output Tensor[N, ...] in float32 (eager also a list of
-Tensor[3, H, W] of different sizes, for detection models, to their list of dicts), with `threads`
-intra-op threads and one inter-op thread (no reduced precision: served answers stay within the
-task's parity tolerance of eager). On a CUDA device the worker runs eager PyTorch, whatever the
-archive's CPU runtime. Adding a runtime is one `Runtime(...)` in RUNTIMES.
+archive time, tvserve/build/tuning.py), how to load it (used in the worker) and its precision.
+Every runner maps a float32 Tensor[N, 3, H, W] to the model's raw output Tensor[N, ...] in float32
+(eager also a list of Tensor[3, H, W] of different sizes, for detection models, to their list of
+dicts), with `threads` intra-op threads and one inter-op thread. An fp32 runtime's answers stay
+within the task's parity tolerance of eager; an int8 one's are not exact, and its cost is measured
+on the user's own images instead (tvserve/build/calibration.py). On a CUDA device the worker runs
+eager PyTorch, whatever the archive's CPU runtime. Adding a runtime is one `Runtime(...)` in RUNTIMES.
 """
 
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,15 +106,48 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> No
                           dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
 
 
+INT8_METHOD = ("onnxruntime.quantization.quantize_static: QOperator ops, int8 weights per output channel, "
+               "uint8 activations, MinMax ranges from the calibration images")
+
+
+class CalibrationBatches:
+    """ONNX Runtime's CalibrationDataReader over preprocessed images: one {input: array} per
+    Tensor[N, 3, H, W] float32 batch, then None."""
+
+    def __init__(self, batches, input_name: str = "image"):
+        self.batches, self.input_name = iter(batches), input_name
+
+    def get_next(self):
+        batch = next(self.batches, None)
+        return None if batch is None else {self.input_name: batch.numpy()}
+
+
+def export_onnx_int8(model: torch.nn.Module, example: torch.Tensor, path: Path, calibration=()) -> None:
+    """Post-training static quantization of the ONNX export (INT8_METHOD): activation ranges from
+    `calibration`, an iterable of Tensor[N, 3, H, W] float32 batches preprocessed as the worker
+    does. The quantizer runs at archive time only; the worker needs ONNX Runtime alone."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(prefix="tvserve-int8-") as tmp:
+        fp32, prepared = Path(tmp) / "fp32.onnx", Path(tmp) / "prepared.onnx"
+        export_onnx(model, example, fp32)
+        quant_pre_process(str(fp32), str(prepared))  # shapes inferred and graph folded, as the quantizer expects
+        quantize_static(str(prepared), str(path), CalibrationBatches(calibration), quant_format=QuantFormat.QOperator,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+
+
 @dataclass(frozen=True)
 class Runtime:
     """One way to run a model. `load(model=, path=, threads=, device=)` returns the runner;
-    `export(model, example, path)` writes `file` from the eager model (None: built from the weights)."""
+    `export(model, example, path[, calibration])` writes `file` from the eager model (None: built
+    from the weights); an int8 runtime's exporter also takes the calibration batches."""
 
     name: str
     load: Callable
     file: str = None
     export: Callable = None
+    precision: str = "fp32"  # fp32: within the task's parity tolerance of eager; int8: measured on images
 
 
 RUNTIMES = {runtime.name: runtime for runtime in (
@@ -121,7 +156,10 @@ RUNTIMES = {runtime.name: runtime for runtime in (
     Runtime("torchscript", lambda path, **_: TorchScript(path), "model.ts", export_torchscript),
     Runtime("onnxruntime", lambda path, threads, **_: OnnxRuntime(path, threads), "model.onnx", export_onnx),
     Runtime("openvino", lambda path, threads, **_: OpenVino(path, threads), "model.onnx", export_onnx),
+    Runtime("onnxruntime_int8", lambda path, threads, **_: OnnxRuntime(path, threads), "model.int8.onnx",
+            export_onnx_int8, precision="int8"),
 )}
+PRECISIONS = ("fp32", "int8")
 
 
 def get_runtime(name: str) -> Runtime:
@@ -130,13 +168,17 @@ def get_runtime(name: str) -> Runtime:
     return RUNTIMES[name]
 
 
-def export(name: str, model: torch.nn.Module, crop: int, folder: Path) -> Path:
-    """Writes runtime `name`'s file for `model` (eval mode, CPU) into `folder`; returns its path."""
+def export(name: str, model: torch.nn.Module, crop: int, folder: Path, calibration=None) -> Path:
+    """Writes runtime `name`'s file for `model` (eval mode, CPU) into `folder`; returns its path.
+    An int8 runtime needs `calibration`: Tensor[N, 3, crop, crop] float32 batches."""
     runtime = get_runtime(name)
     path = Path(folder) / runtime.file
+    extra = {} if runtime.precision == "fp32" else {"calibration": calibration}
+    if runtime.precision != "fp32" and not calibration:
+        raise ValueError(f"Backend {name} runs in {runtime.precision} and needs calibration images.")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit's and the TorchScript-based ONNX exporter's deprecation notices
-        runtime.export(model, torch.randn(1, 3, crop, crop), path)
+        runtime.export(model, torch.randn(1, 3, crop, crop), path, **extra)
     return path
 
 
@@ -157,6 +199,11 @@ def load_runner(name: str, *, model=None, path=None, threads: int = 1, device: s
     if device.type != "cpu" and runtime.file:
         runtime = RUNTIMES["eager"]
     return runtime.load(model=model, path=path, threads=threads, device=device)
+
+
+def backends_of(precision: str) -> tuple:
+    """The runtimes that run in `precision` (fp32 or int8), in registry order."""
+    return tuple(name for name, runtime in RUNTIMES.items() if runtime.precision == precision)
 
 
 BACKENDS = tuple(RUNTIMES)

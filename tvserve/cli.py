@@ -4,6 +4,7 @@ detection, segmentation, keypoints).
 Examples:
     tvserve archive torchvision resnet18                 # ImageNet weights: download, cache or --weights-file
     tvserve archive checkpoint runs/digits_net/checkpoint.pt
+    tvserve archive checkpoint runs/digits_net/checkpoint.pt --name digits_int8 --precision int8 --calibration my_digits/
     tvserve serve                                        # every archive in model_store/, until Ctrl-C
     tvserve predict resnet18 cat.jpg --topk 3
     tvserve predict maskrcnn_resnet50_fpn street.jpg --threshold 0.7 --draw drawn/
@@ -51,16 +52,24 @@ def add_archive_options(parser):
                        "tolerance of eager, 1e-4 for probabilities)")
     group.add_argument("--jpeg-draft", action="store_true",
                        help="lossy: decode big JPEGs at a reduced DCT scale (at least twice the resize size)")
+    group.add_argument("--precision", choices=["fp32", "int8"], help="default fp32; int8: post-training static "
+                       "quantization (ONNX Runtime), calibrated on --calibration, its accuracy cost measured and recorded")
+    group.add_argument("--calibration", type=Path, help="int8: a folder of your images (a few hundred is typical; "
+                       "class sub-folders named after the labels add accuracies): half calibrates, half measures")
+    group.add_argument("--min-agreement", type=float, help="int8 is refused below this top-1 agreement with fp32 on "
+                       "the held-out calibration images (default 0.99)")
 
 
 ARCHIVE_FLAGS = ("model_name", "version", "export_path", "force", "workers", "batch_size", "max_batch_delay",
-                 "response_timeout", "startup_timeout", "threads", "backend", "jpeg_draft")
+                 "response_timeout", "startup_timeout", "threads", "backend", "jpeg_draft", "precision",
+                 "calibration", "min_agreement")
 
 
 def archive_options(args):
     from tvserve.build.options import ArchiveOptions
 
-    given = {name: getattr(args, name) for name in ARCHIVE_FLAGS if getattr(args, name) not in (None, False)}
+    values = {name: getattr(args, name) for name in ARCHIVE_FLAGS}
+    given = {name: value for name, value in values.items() if value is not None and value is not False}  # 0 is given
     return ArchiveOptions(**given)
 
 
@@ -139,12 +148,15 @@ def cmd_evaluate(args):
 
 
 def cmd_bench(args):
-    from tvserve.tools.bench import BenchConfig, run, write
+    from tvserve.tools.bench import SYSTEMS, BenchConfig, run, write
 
     config = BenchConfig(models=tuple(args.models.split(",")), images=tuple(args.images.split(",")),
                          concurrency=tuple(int(c) for c in args.concurrency.split(",")),
                          duration=args.duration, warmup=args.warmup, out=args.out, work=args.work,
-                         http=not args.no_http)
+                         http=not args.no_http, systems=tuple(args.systems.split(",")), calibration=args.calibration)
+    unknown = set(config.systems) - set(SYSTEMS)
+    if unknown or "tvserve" not in config.systems:
+        raise TvserveError(f"--systems takes tvserve (always) and any of {', '.join(SYSTEMS[1:])}; got {args.systems!r}.")
     if args.smoke:  # seconds: checks the harness, measures nothing worth reporting
         config.models, config.images, config.concurrency = ("net",), ("0.1MP",), (1, 4)
         config.duration, config.warmup, config.out = 1.0, 1.0, config.work / "smoke"
@@ -314,7 +326,13 @@ def cmd_describe(args):
 
     target = Path(args.target)
     if target.suffix == ".mar" or target.exists():
-        print(read_record(target).to_json())
+        record = read_record(target)
+        print(record.to_json())
+        if record.backend and record.backend.quantization:  # the measured cost, readable, beside the JSON
+            from tvserve.build.calibration import summary
+
+            precision = record.backend.precision
+            print(f"{target.name}: {precision}: {summary(record.backend.quantization, precision)}", file=sys.stderr)
         return
     print(json.dumps(client.describe_model(args.target, management_url=args.management_url,
                                            token=keys(args).get("management")), indent=2))
@@ -425,6 +443,10 @@ def get_parser(with_training: bool = True):
     bench.add_argument("--out", type=Path, default=Path("benchmarks"), help="where latest.md and latest.json go")
     bench.add_argument("--work", type=Path, default=Path(".tvserve/bench"), help="archives, images, server logs")
     bench.add_argument("--no-http", action="store_true", help="in-process rows only (no Java or wrk here)")
+    bench.add_argument("--systems", default="tvserve,draft,int8,stock", help="comma-separated: tvserve (fp32, always) "
+                       "and draft (--jpeg-draft), int8 (--precision int8), stock (TorchServe's own handler)")
+    bench.add_argument("--calibration", type=Path, help="int8 calibration images for the torchvision model (default: "
+                       "crops of the benchmark photos, timing only)")
     bench.add_argument("--smoke", action="store_true", help="a seconds-long run of the book's Net that checks the harness")
     bench.set_defaults(func=cmd_bench)
 

@@ -11,6 +11,9 @@ loaded with the worker's own code and the worker's thread count, and
 Detection and segmentation models take images of their own sizes (a list, or one forward each),
 which the exporters here are not made for: they run eager, timed the same way on a preprocessed
 0.5 MP photo, and the report says why the others were not tried (select_eager).
+With precision int8, the int8 runtimes are exported from calibration images and timed beside the
+fp32 ones (so the record shows what int8 gains here); they are held to no parity tolerance, their
+cost is measured on the held-out images instead (calibration.py), and the fastest int8 one is kept.
 The same timings decide what an archive leaves to the machine: its workers (choose_workers) and
 its batch size (choose_batch_size).
 """
@@ -29,7 +32,7 @@ from PIL import Image
 
 from handlers.devices import PilPreprocessing
 from handlers.record import Preset
-from handlers.runtimes import BACKENDS, RUNTIMES, export, load_runner, set_threads
+from handlers.runtimes import RUNTIMES, backends_of, export, load_runner, set_threads
 from tvserve import TvserveError
 
 log = logging.getLogger(__name__)
@@ -70,39 +73,53 @@ def parity_gap(task, runner, reference, inputs) -> float:
     return max(task.parity_gap(runner(x), reference(x)) for x in inputs)
 
 
-def try_candidate(name, task, model, eager, inputs, crop, threads, folder) -> tuple:
+def try_candidate(name, task, model, eager, inputs, crop, threads, folder, calibration=None) -> tuple:
     """(report, runner) for one backend: report {"name", "parity", "file"?}, or
-    {"name", "error"} and no runner when it fails to export, load or match eager."""
+    {"name", "error"} and no runner when it fails to export, load or (fp32) match eager.
+    `calibration`: Tensor[N, 3, crop, crop] batches for an int8 runtime's exporter."""
+    precision = RUNTIMES[name].precision
     try:
-        path = RUNTIMES[name].file and export(name, model, crop, folder)
+        path = RUNTIMES[name].file and export(name, model, crop, folder, calibration=calibration)
         own = copy.deepcopy(model) if name == "eager_channels_last" else None  # .to() converts in place
         runner = eager if name == "eager" else load_runner(name, model=own, path=path, threads=threads)
         with torch.inference_mode():
             gap = parity_gap(task, runner, eager, inputs)
     except Exception as err:  # noqa: BLE001 - an exporter or runtime that cannot take this model
         return {"name": name, "error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"}, None
-    if gap > task.PARITY_TOLERANCE:
+    if precision == "fp32" and gap > task.PARITY_TOLERANCE:
         return {"name": name, "error": f"{task.parity_what} differ from eager by {gap:.2e}"}, None
-    return {"name": name, "parity": gap, **({"file": str(path)} if path else {})}, runner
+    return {"name": name, "parity": gap, **({"precision": precision} if precision != "fp32" else {}),
+            **({"file": str(path)} if path else {})}, runner
+
+
+def candidate_names(wanted: str, precision: str) -> tuple:
+    """The backends to try: every fp32 one for auto (and, for int8, every int8 one too, timed
+    beside them), else eager (the reference) and `wanted`. Raises TvserveError for a backend
+    unknown or of another precision."""
+    fp32, chosen = backends_of("fp32"), backends_of(precision)
+    if wanted != "auto" and wanted not in chosen:
+        others = f" (it runs in {RUNTIMES[wanted].precision})" if wanted in RUNTIMES else ""
+        raise TvserveError(f"Unknown {precision} backend {wanted!r}{others}: choose auto, {', '.join(chosen)}.")
+    if wanted == "auto":
+        return fp32 if precision == "fp32" else fp32 + chosen
+    return tuple(dict.fromkeys(("eager", wanted)))  # eager: the reference, always timed
 
 
 def select_backend(model: torch.nn.Module, task, crop: int, threads: int, wanted: str, folder: Path,
-                   batch: int = 1) -> dict:
-    """Tries `wanted` (or every backend for "auto") on `model` and returns
-    {"name", "file" (None for eager), "selection": {"threads", "candidates": [...]}}.
+                   batch: int = 1, precision: str = "fp32", calibration=None) -> dict:
+    """Tries `wanted` (or every backend of `precision` for "auto") on `model` and returns
+    {"name", "file" (None for eager), "precision", "selection": {"threads", "candidates": [...]}}.
     Each candidate is timed at batch 1 and at the served batch size (at most TIMED_BATCH), per
     image; its score ("ms") is the slower of the two, so the choice holds at low and high load
-    (a runtime can be slower per image in batches)."""
-    if wanted != "auto" and wanted not in BACKENDS:
-        raise TvserveError(f"Unknown backend {wanted!r}: choose auto, {', '.join(BACKENDS)}.")
+    (a runtime can be slower per image in batches). int8 needs `calibration` batches."""
+    names = candidate_names(wanted, precision)
     previous = torch.get_num_threads()
     set_threads(threads)
     try:
         torch.manual_seed(0)
         inputs = [torch.randn(n, 3, crop, crop) for n in PARITY_BATCHES]
         eager = load_runner("eager", model=model.eval())
-        names = BACKENDS if wanted == "auto" else ("eager", wanted)
-        tried = [try_candidate(name, task, model, eager, inputs, crop, threads, folder) for name in dict.fromkeys(names)]
+        tried = [try_candidate(name, task, model, eager, inputs, crop, threads, folder, calibration) for name in names]
         runners = {report["name"]: runner for report, runner in tried if runner}
         batched = torch.randn(min(batch, TIMED_BATCH), 3, crop, crop)
         with torch.inference_mode():
@@ -115,14 +132,17 @@ def select_backend(model: torch.nn.Module, task, crop: int, threads: int, wanted
     finally:
         torch.set_num_threads(previous)
     for candidate in candidates:
-        log.info("backend %-19s %s", candidate["name"], f"{candidate['ms']:.2f} ms/image, parity {candidate['parity']:.1e}"
+        gap = "gap on random inputs" if "precision" in candidate else "parity"  # int8: measured on images instead
+        log.info("backend %-19s %s", candidate["name"], f"{candidate['ms']:.2f} ms/image, {gap} {candidate['parity']:.1e}"
                  if "ms" in candidate else f"refused: {candidate['error']}")
-    passed = [c for c in candidates if "ms" in c and (wanted == "auto" or c["name"] == wanted)]
+    eligible = [c for c in candidates if RUNTIMES[c["name"]].precision == precision and (wanted in ("auto", c["name"]))]
+    passed = [c for c in eligible if "ms" in c]
     if not passed:
-        refused = next(c for c in candidates if c["name"] == wanted)
-        raise TvserveError(f"Backend {wanted} cannot serve this model: {refused['error']}. Use --backend auto or eager.")
+        refused = eligible[0] if wanted == "auto" else next(c for c in candidates if c["name"] == wanted)
+        fallback = "Use --backend auto or eager." if precision == "fp32" else "Archive in fp32."
+        raise TvserveError(f"Backend {refused['name']} cannot serve this model: {refused['error']}. {fallback}")
     best = min(passed, key=lambda c: c["ms"])
-    return {"name": best["name"], "file": best.get("file"),
+    return {"name": best["name"], "file": best.get("file"), "precision": precision,
             "selection": {"wanted": wanted, "threads": threads, "cpu": cpu_name(),
                           "candidates": [{k: v for k, v in c.items() if k != "file"} for c in candidates]}}
 

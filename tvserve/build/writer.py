@@ -32,8 +32,10 @@ from tqdm import tqdm
 import handlers
 from handlers.models import build_model
 from handlers.record import METADATA_FILE, Backend, Record, sha256_of
+from handlers.runtimes import INT8_METHOD, load_runner
 from handlers.tasks import STACKED, get_task
 from tvserve import TvserveError, __version__
+from tvserve.build.calibration import check as check_cost, measure, read_calibration
 from tvserve.build.mar import MODEL_CONFIG_FILE
 from tvserve.build.options import DEFAULT_VERSION, ArchiveOptions
 from tvserve.build.tuning import TIMED_BATCH, choose_batch_size, choose_workers, select_backend, select_eager
@@ -90,25 +92,38 @@ def copy_into(mar: zipfile.ZipFile, source: Path, name: str) -> str:
 def tune(record: Record, weights: Path, model_dir: Path, options: ArchiveOptions, folder: Path) -> tuple:
     """(options with workers and batch size decided, backend dict) for this machine: builds the
     model with its real weights on the CPU, decides the workers, then picks the backend and the
-    batch size from its timings (tuning.py)."""
-    if options.backend == "eager" and options.workers and options.batch_size:
+    batch size from its timings (tuning.py). int8 is calibrated on the user's images and its cost
+    measured on the held-out ones (calibration.py); below --min-agreement it is refused."""
+    if options.backend == "eager" and options.workers and options.batch_size:  # (int8 is never eager)
         return options, {"name": "eager", "file": None, "selection": {"wanted": "eager"}}
+    task = get_task(record.task, record.labels, record.keypoint_names)
+    if options.precision != "fp32" and task.name not in STACKED:
+        raise TvserveError(f"--precision {options.precision} is for classification models; {record.name} is a "
+                           f"{task.name} model, served in fp32 (leave --precision out).")
+    calibration = options.calibration and read_calibration(options.calibration, record.preset, record.labels)
     state_dict = load_state_dict_file(weights)
     model = build_model(model_dir, record.model, state_dict)
     model.load_state_dict(state_dict, strict=True)
-    task = get_task(record.task, record.labels, record.keypoint_names)
     workers_rule = {"workers": options.workers, "wanted": options.workers}
     if not options.workers:
         workers_rule = choose_workers(model.eval(), record.preset, task)
         options = replace(options, workers=workers_rule["workers"])
-    log.info("choosing %s's backend (%s) for %d worker(s) x %d threads ...", record.name, options.backend,
-             options.workers, options.thread_budget())
+    log.info("choosing %s's %s backend (%s) for %d worker(s) x %d threads ...", record.name, options.precision,
+             options.backend, options.workers, options.thread_budget())
     if task.name in STACKED:
         backend = select_backend(model.eval(), task, record.preset.crop, options.thread_budget(),
-                                 options.backend or "auto", folder, batch=options.batch_size or TIMED_BATCH)
+                                 options.backend or "auto", folder, batch=options.batch_size or TIMED_BATCH,
+                                 precision=options.precision,
+                                 calibration=calibration and calibration.calibration_batches())
     else:
         backend = select_eager(model, task, record.preset, options.thread_budget(), options.backend or "auto",
                                batch=options.batch_size or TIMED_BATCH)
+    if calibration:
+        reduced = load_runner(backend["name"], path=backend["file"], threads=options.thread_budget())
+        cost = measure(load_runner("eager", model=model), reduced, task, calibration, method=INT8_METHOD,
+                       min_agreement=options.min_agreement)
+        check_cost(cost, options.precision)
+        backend["quantization"] = cost.to_dict()
     if not options.batch_size:
         options = replace(options, batch_size=choose_batch_size(backend))
     backend["selection"]["workers"] = workers_rule

@@ -4,8 +4,12 @@
   (b) pipeline    in-process, decode + preprocess + forward + top-k, the handler's own code
   (c) tvserve     over HTTP (wrk), the archive as `tvserve archive` builds it by default
   (d) stock       TorchServe's own image_classifier handler, eager: one worker, and its defaults
-plus `tvserve+draft`, the same archive with the lossy --jpeg-draft, and the lossy option's effect
-(largest probability change and top-1 agreement over the images). Servers run one at a time.
+plus `tvserve+draft`, the same archive with the lossy --jpeg-draft, and `int8` columns for (a),
+(b) and (c): the archive with --precision int8, calibrated on images of the model's own kind (the
+book's Net: the digit scans it was not trained on, in class folders; a torchvision model: crops of
+the benchmark photos, or --calibration). Each lossy option's effect (largest probability change and
+top-1 agreement over the benchmark images) is reported, and int8's measured cost from its record.
+`--systems` picks which of tvserve, draft, int8 and stock run. Servers run one at a time.
 Output: Markdown and JSON in --out; the Markdown also goes to stdout.
 """
 
@@ -24,6 +28,7 @@ from PIL import Image
 
 from tvserve import TvserveError
 from tvserve.build import zoo
+from handlers.record import Quantization
 from tvserve.build.mar import read_model_config
 from tvserve.build.options import ArchiveOptions
 from tvserve.build.sources import archive_checkpoint, archive_torchvision
@@ -41,6 +46,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SIZES = {"0.1MP": (387, 258), "0.5MP": (866, 577), "12MP": (4243, 2828)}
 BOOK_MODEL = "net"
+SYSTEMS = ("tvserve", "draft", "int8", "stock")  # tvserve (fp32) always runs: the others are measured against it
 GPU_ID = 0 if torch.cuda.is_available() else None  # in-process rows run where a worker would
 
 
@@ -55,6 +61,8 @@ class BenchConfig:
     out: Path = Path("benchmarks")
     checkpoint: Path = Path("runs/digits_net/checkpoint.pt")  # the book's Net (trained if missing)
     http: bool = True  # False: in-process only (a machine without Java or wrk)
+    systems: tuple = SYSTEMS
+    calibration: Path = None  # int8 calibration images for a torchvision model (default: crops of the photos)
     notes: list = field(default_factory=list)
 
 
@@ -97,8 +105,10 @@ def time_loop(call, duration: float, warmup: float) -> dict:
 
 def in_process_rows(model: str, handler, batch: int, images: dict, config: BenchConfig) -> list:
     """(a) and (b) for each image with the archive's `handler`: its backend and the worker's thread
-    budget (or the GPU, where there is one); (a) also at the archive's `batch` size, in images/s."""
+    budget (or the GPU, where there is one); (a) also at the archive's `batch` size, in images/s.
+    An int8 archive's rows say "int8" after the letter: "(a) forward int8, onnxruntime_int8"."""
     rows, backend = [], f"{handler.backend}" + (", cuda" if torch.cuda.is_available() else "")
+    int8 = " int8" if handler.record.backend and handler.record.backend.precision == "int8" else ""
     for name, paths in images.items():
         data = paths[0].read_bytes()
         tensor = handler.preprocess({"body": data}, {})[0].unsqueeze(0)
@@ -107,27 +117,27 @@ def in_process_rows(model: str, handler, batch: int, images: dict, config: Bench
             batched = time_loop(lambda: handler.runner(tensor.expand(batch, -1, -1, -1).contiguous()),
                                 config.duration / 2, config.warmup / 2) if batch > 1 else None
         pipeline = time_loop(lambda: predict(handler, data), config.duration / 2, config.warmup / 2)
-        rows.append({"model": model, "image": name, "system": f"(a) forward, {backend}", "concurrency": 1, **forward})
+        rows.append({"model": model, "image": name, "system": f"(a) forward{int8}, {backend}", "concurrency": 1, **forward})
         if batched:
             batched["rps"] = round(batched["rps"] * batch, 2)  # images/s
-            rows.append({"model": model, "image": name, "system": f"(a) forward, {backend}, batch {batch}",
+            rows.append({"model": model, "image": name, "system": f"(a) forward{int8}, {backend}, batch {batch}",
                          "concurrency": 1, **batched})
-        rows.append({"model": model, "image": name, "system": f"(b) pipeline, {backend}", "concurrency": 1, **pipeline})
+        rows.append({"model": model, "image": name, "system": f"(b) pipeline{int8}, {backend}", "concurrency": 1,
+                     **pipeline})
     return rows
 
 
-def lossy_effect(exact, draft_mar: Path, images: dict, work: Path) -> dict:
-    """JPEG draft vs the `exact` handler over every benchmark image: largest probability change and
-    top-1 agreement."""
-    draft = load_handler(draft_mar, work / "effect-draft", gpu_id=GPU_ID)
+def lossy_effect(exact, lossy, images: dict, option: str = "jpeg_draft") -> dict:
+    """The `lossy` handler (JPEG draft, int8) vs the `exact` one over every benchmark image: largest
+    probability change and top-1 agreement."""
     gaps, agree, total = [], 0, 0
     for path in [path for paths in images.values() for path in paths]:
         data = path.read_bytes()
-        p, q = (probabilities(h, data) for h in (exact, draft))
+        p, q = (probabilities(h, data) for h in (exact, lossy))
         gaps.append((p - q).abs().max().item())
         agree += int(p.argmax() == q.argmax())
         total += 1
-    return {"option": "jpeg_draft", "images": total, "max_probability_change": max(gaps), "top1_agreement": f"{agree}/{total}"}
+    return {"option": option, "images": total, "max_probability_change": max(gaps), "top1_agreement": f"{agree}/{total}"}
 
 
 def http_rows(system: str, model: str, server: Server, images: dict, config: BenchConfig) -> list:
@@ -145,20 +155,54 @@ def http_rows(system: str, model: str, server: Server, images: dict, config: Ben
     return rows
 
 
+def write_digits_folder(folder: Path) -> Path:
+    """The digit scans of the default split's validation part (never trained on) as PNG files in
+    class sub-folders 0-9: the book's Net's int8 calibration images."""
+    from training.data import load_dataset
+
+    if not folder.exists():
+        split = load_dataset("digits")
+        for i, (image, label) in enumerate(zip(split.val_images, split.val_labels)):
+            (folder / str(int(label))).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / str(int(label)) / f"{i:04d}.png")
+    return folder
+
+
+def write_photo_crops(folder: Path, count: int = 32) -> Path:
+    """`count` crops of the benchmark photos (JPEG): calibration images for a torchvision model
+    when no --calibration is given (timing only: random weights say nothing about agreement)."""
+    if not folder.exists():
+        folder.mkdir(parents=True)
+        rng = np.random.default_rng(0)
+        for i in range(count):
+            photo = Image.open(PHOTOS[i % len(PHOTOS)]).convert("RGB")
+            left, top = rng.integers(0, photo.width // 3), rng.integers(0, photo.height // 3)
+            photo.crop((left, top, left + photo.width // 2, top + photo.height // 2)).save(folder / f"{i:03d}.jpg")
+    return folder
+
+
+def variants(config: BenchConfig, base: Path, calibration: Path, min_agreement: float) -> dict:
+    """{system: (store, archive options)} of the tvserve archives this run measures."""
+    wanted = {"tvserve": {}, "draft": {"jpeg_draft": True},
+              "int8": {"precision": "int8", "calibration": calibration, "min_agreement": min_agreement}}
+    return {system: (base / f"tvserve-{system}", extra) for system, extra in wanted.items()
+            if system == "tvserve" or system in config.systems}
+
+
 def build_archives(model: str, config: BenchConfig) -> tuple:
-    """(tvserve store, tvserve+draft store, stock store) for `model`."""
+    """({system: store} of the tvserve archives, stock store or None) for `model`."""
     base = config.work / model
-    stores = [base / "tvserve", base / "tvserve-draft"]
     if model == BOOK_MODEL:
         if not config.checkpoint.exists():
             from tvserve.build.defaults import train_digits
             train_digits(config.checkpoint.parent)
         checkpoint = load_checkpoint(config.checkpoint)
-        for store, draft in zip(stores, (False, True)):
+        stores = variants(config, base, write_digits_folder(config.work / "calibration" / "digits"), 0.99)
+        for store, extra in stores.values():
             archive_checkpoint(config.checkpoint, options=ArchiveOptions(
-                model_name=model, export_path=store, force=True, jpeg_draft=draft))
-        stock = archive_stock_book_model(base / "stock", checkpoint, model)
-        return (*stores, stock)
+                model_name=model, export_path=store, force=True, **extra))
+        stock = archive_stock_book_model(base / "stock", checkpoint, model) if "stock" in config.systems else None
+        return {system: store for system, (store, _) in stores.items()}, stock
     enum = zoo.get_weights(model, "DEFAULT")
     try:
         weights, _ = zoo.find_weights_file(model, enum, None)
@@ -168,24 +212,37 @@ def build_archives(model: str, config: BenchConfig) -> tuple:
         weights.parent.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(0)
         torch.save(torchvision.models.get_model(model, weights=None).state_dict(), weights)
-    for store, draft in zip(stores, (False, True)):
+    calibration = config.calibration or write_photo_crops(config.work / "calibration" / "photos")
+    if not config.calibration:
+        config.notes.append(f"{model}: int8 calibrated on {calibration} (crops of the benchmark photos), held to no "
+                            "agreement threshold: the bench times it; agreement is measured on trained models")
+    stores = variants(config, base, calibration, 0.99 if config.calibration else 0.0)
+    for store, extra in stores.values():
         archive_torchvision(model, weights_file=weights, options=ArchiveOptions(
-            model_name=model, export_path=store, force=True, jpeg_draft=draft))
-    stock = archive_stock_resnet18(base / "stock", weights, list(enum.meta["categories"])) if model == "resnet18" else None
-    return (*stores, stock)  # stock TorchServe: resnet18 and the book's Net only
+            model_name=model, export_path=store, force=True, **extra))
+    stock = (archive_stock_resnet18(base / "stock", weights, list(enum.meta["categories"]))
+             if model == "resnet18" and "stock" in config.systems else None)
+    return {system: store for system, (store, _) in stores.items()}, stock  # stock TorchServe: resnet18 and the Net
+
+
+SERVED_AS = {"tvserve": "(c) tvserve", "draft": "(c) tvserve+draft", "int8": "(c) tvserve int8"}
 
 
 def bench_model(model: str, images: dict, config: BenchConfig) -> dict:
-    tvserve_store, draft_store, stock_store = build_archives(model, config)
-    mar = tvserve_store / f"{model}.mar"
-    handler = load_handler(mar, config.work / "unpacked" / model, gpu_id=GPU_ID)
-    rows = in_process_rows(model, handler, int(read_model_config(mar).get("batchSize", 1)), images, config)
-    effect = lossy_effect(handler, draft_store / f"{model}.mar", images, config.work / "unpacked" / model)
+    stores, stock_store = build_archives(model, config)
+    handlers = {system: load_handler(store / f"{model}.mar", config.work / "unpacked" / model / system, gpu_id=GPU_ID)
+                for system, store in stores.items()}
+    rows, effects = [], {}
+    for system in ("tvserve", "int8"):
+        if system in handlers:
+            batch = int(read_model_config(stores[system] / f"{model}.mar").get("batchSize", 1))
+            rows += in_process_rows(model, handlers[system], batch, images, config)
+    for system, option in (("draft", "jpeg_draft"), ("int8", "int8")):
+        if system in handlers:
+            effects[option] = lossy_effect(handlers["tvserve"], handlers[system], images, option)
     base = config.work / model
-    servers = [
-        ("(c) tvserve", tvserve_store, free_ports_config(DEVELOPMENT_CONFIG, base / "tvserve.properties")),
-        ("(c) tvserve+draft", draft_store, free_ports_config(DEVELOPMENT_CONFIG, base / "draft.properties")),
-    ]
+    servers = [(SERVED_AS[system], store, free_ports_config(DEVELOPMENT_CONFIG, base / f"{system}.properties"))
+               for system, store in stores.items()]
     if stock_store:
         servers += [("(d) stock, 1 worker", stock_store, stock_config(base / "stock1.properties", workers=1)),
                     ("(d) stock, defaults", stock_store, stock_config(base / "stock.properties"))]
@@ -193,7 +250,8 @@ def bench_model(model: str, images: dict, config: BenchConfig) -> dict:
         workdir = base / "servers" / "".join(c if c.isalnum() else "-" for c in system)
         with Server(model_store=store, config=properties, workdir=workdir) as server:
             rows += http_rows(system, model, server, images, config)
-    return {"rows": rows, "lossy": effect, "backend": handler.record.backend.to_dict()}
+    backends = {system: handler.record.backend.to_dict() for system, handler in handlers.items()}
+    return {"rows": rows, "lossy": effects, "backend": backends["tvserve"], "int8_backend": backends.get("int8")}
 
 
 def machine() -> dict:
@@ -222,7 +280,8 @@ def check_smoke(report: dict) -> None:
     """The harness worked: every system measured every model, and nothing failed."""
     for model, result in report["models"].items():
         systems = {row["system"].split(",")[0] for row in result["rows"]}
-        wanted = {"(a) forward", "(b) pipeline"} | ({"(c) tvserve", "(c) tvserve+draft", "(d) stock"} if report["http"] else set())
+        wanted = {"(a) forward", "(b) pipeline", "(a) forward int8", "(b) pipeline int8"} | (
+            {"(c) tvserve", "(c) tvserve+draft", "(c) tvserve int8", "(d) stock"} if report["http"] else set())
         if not wanted <= systems:
             raise TvserveError(f"bench smoke: {model} lacks {', '.join(sorted(wanted - systems))}")
         bad = [row for row in result["rows"] if row["errors"] or not row["requests"]]
@@ -268,6 +327,45 @@ def targets(report: dict) -> list:
         for stock in ("(d) stock, 1 worker", "(d) stock, defaults"):
             for name in sorted({row["image"] for row in rows}):
                 add(f"Net {name} c=16 req/s, tvserve / {stock[4:]}", ratio(rps(rows, "(c) tvserve", name, 16), rps(rows, stock, name, 16)), 2)
+    return out + int8_targets(report)
+
+
+def forward_rps(rows: list, int8: bool) -> float:
+    """(a) in-process forward at batch 1, images/s, of the fp32 or the int8 archive (first image)."""
+    prefix = "(a) forward int8," if int8 else "(a) forward,"
+    row = next((r for r in rows if r["system"].startswith(prefix) and ", batch " not in r["system"]), None)
+    return row and row["rps"]
+
+
+def int8_targets(report: dict) -> list:
+    """The int8 issue's targets with their measured ratios (None where not measured)."""
+    out = []
+
+    def add(name, value, goal):
+        out.append({"target": name, "ratio": value, "goal": f">= {goal}", "met": None if value is None else value >= goal})
+
+    def served(rows, system, image, concurrency):
+        row = find(rows, system=system, image=image, concurrency=concurrency)
+        return row and row["rps"]
+
+    if "resnet18" in report["models"]:
+        result = report["models"]["resnet18"]
+        rows = result["rows"]
+        add("resnet18 int8 forward / fastest fp32 backend's, in-process (a)", ratio(forward_rps(rows, True), forward_rps(rows, False)), 1.7)
+        candidates = ((result.get("int8_backend") or {}).get("selection") or {}).get("candidates", [])
+        fp32 = [c["ms_batch_1"] for c in candidates if "ms_batch_1" in c and c.get("precision", "fp32") == "fp32"]
+        int8 = [c["ms_batch_1"] for c in candidates if "ms_batch_1" in c and c.get("precision") == "int8"]
+        add("resnet18 int8 forward / fastest fp32 backend's, at archive time (turns)", ratio(min(fp32), min(int8)) if fp32 and int8 else None, 1.7)
+        for image in sorted({row["image"] for row in rows}):
+            add(f"resnet18 {image} c=4 req/s, tvserve int8 / tvserve fp32", ratio(served(rows, "(c) tvserve int8", image, 4), served(rows, "(c) tvserve", image, 4)), 1.5)
+    if BOOK_MODEL in report["models"]:
+        result = report["models"][BOOK_MODEL]
+        cost = (result.get("int8_backend") or {}).get("quantization")
+        add("Net int8 top-1 agreement with fp32 on the held-out digit scans", cost and cost["top1_agreement"], 0.99)
+        rows = result["rows"]
+        top = max(report["config"]["concurrency"])
+        for image in sorted({row["image"] for row in rows}):
+            add(f"Net {image} c={top} req/s, tvserve int8 / tvserve fp32", ratio(served(rows, "(c) tvserve int8", image, top), served(rows, "(c) tvserve", image, top)), 1.0)
     return out
 
 
@@ -289,13 +387,46 @@ def markdown(report: dict, command: str) -> str:
         for row in result["rows"]:
             lines.append(f"| {row['image']} | {row['system']} | {row['concurrency']} | {fmt(row['rps'])} | {fmt(row['p50_ms'])} "
                          f"| {fmt(row['p90_ms'])} | {fmt(row['p99_ms'])} | {row['errors']} | {fmt(row.get('loadgen_cpu_pct'))} |")
-        lossy = result["lossy"]
-        lines += ["", f"Lossy `--jpeg-draft` over {lossy['images']} images: largest probability change "
-                  f"{lossy['max_probability_change']:.2e}, top-1 agreement {lossy['top1_agreement']}."]
+        for option, lossy in result["lossy"].items():
+            lines += ["", f"Lossy `{OPTION_FLAGS[option]}` over the {lossy['images']} benchmark images: largest probability "
+                      f"change {lossy['max_probability_change']:.2e}, top-1 agreement {lossy['top1_agreement']}."]
+        cost = (result.get("int8_backend") or {}).get("quantization")
+        if cost:
+            from tvserve.build.calibration import summary
+            lines += ["", f"int8 archive ({result['int8_backend']['name']}), measured at archive time on "
+                      f"{cost['calibration_dir']}: {summary(Quantization.from_dict(cost))}."]
+        lines += ["", *wide_table(result["rows"])]
     lines += ["", "### Targets", "", "| target | measured | goal | met |", "| --- | --- | --- | --- |"]
     lines += [f"| {t['target']} | {fmt(t['ratio'])} | {t['goal']} | {'-' if t['met'] is None else 'yes' if t['met'] else 'no'} |"
               for t in report["targets"]]
     return "\n".join(lines) + "\n"
+
+
+OPTION_FLAGS = {"jpeg_draft": "--jpeg-draft", "int8": "--precision int8"}
+WIDE_COLUMNS = (("(a) forward", "(a) forward,"), ("(a) int8", "(a) forward int8,"), ("(b) pipeline", "(b) pipeline,"),
+                ("(b) int8", "(b) pipeline int8,"), ("(c) tvserve", "(c) tvserve"), ("(c) tvserve int8", "(c) tvserve int8"),
+                ("(c) +draft", "(c) tvserve+draft"), ("(d) stock, 1 worker", "(d) stock, 1 worker"),
+                ("(d) stock, defaults", "(d) stock, defaults"))
+
+
+def wide_table(rows: list) -> list:
+    """Markdown lines: one row per image and concurrency, one column per system (those measured):
+    req/s, and p50 / p99 ms for the HTTP ones (the README's Performance table)."""
+    def cell(image, concurrency, prefix):
+        row = next((r for r in rows if r["image"] == image and r["concurrency"] == concurrency
+                    and (r["system"] == prefix or r["system"].startswith(prefix) and prefix.endswith(","))
+                    and ", batch " not in r["system"]), None)
+        if row is None:
+            return ""
+        return f"{row['rps']:.1f}" + (f" ({row['p50_ms']:.0f} / {row['p99_ms']:.0f})" if row["system"].startswith(("(c)", "(d)")) else "")
+
+    points = list(dict.fromkeys((r["image"], r["concurrency"]) for r in sorted(rows, key=lambda r: r["concurrency"])))
+    points = sorted(points, key=lambda p: (list(IMAGE_SIZES).index(p[0]) if p[0] in IMAGE_SIZES else 99, p[1]))
+    columns = [(title, prefix) for title, prefix in WIDE_COLUMNS if any(cell(i, c, prefix) for i, c in points)]
+    lines = ["| image | conc. | " + " | ".join(title for title, _ in columns) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in columns) + " |"]
+    return lines + [f"| {image} | {concurrency} | " + " | ".join(cell(image, concurrency, prefix) for _, prefix in columns)
+                    + " |" for image, concurrency in points]
 
 
 def write(report: dict, out: Path, command: str) -> str:

@@ -1,0 +1,158 @@
+"""Calibration images for an int8 archive, and the accuracy cost measured on them.
+
+The user's folder (a few hundred images is typical) is split in two, per label where its
+sub-folders name the model's labels: the activation ranges are taken from one part, and the int8
+model is compared with the fp32 one on the held-out rest, every image preprocessed exactly as the
+worker does (handlers/devices.PilPreprocessing). The archive is refused, with the numbers, when
+the top-1 agreement is below the user's threshold (--min-agreement).
+"""
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from handlers.devices import PilPreprocessing
+from handlers.errors import RequestError
+from handlers.record import Preset, Quantization
+from tvserve import TvserveError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+HELD_OUT_FRACTION = 0.5  # half calibrates, half measures: a few hundred images give ~1% steps either way
+SPLIT_SEED = 0  # the split repeats exactly for the same folder
+BATCH = 16  # images per calibration and measurement forward
+DEFAULT_MIN_AGREEMENT = 0.99
+
+
+@dataclass
+class CalibrationSet:
+    """A calibration folder split in two: `calibrate` (the quantizer's ranges) and `held_out`
+    (the measured cost), each Tensor[N, 3, crop, crop] float32 as the worker preprocesses;
+    `held_out_labels` Tensor[N] of label indices, or None where the folder does not name them."""
+
+    folder: Path
+    calibrate: torch.Tensor
+    held_out: torch.Tensor
+    held_out_labels: torch.Tensor = None
+
+    def calibration_batches(self) -> list:
+        """The calibration images in batches of BATCH: [Tensor[<=BATCH, 3, crop, crop]]."""
+        return list(self.calibrate.split(BATCH))
+
+
+def image_files(folder: Path) -> list:
+    """Every image file under `folder` (any depth), sorted."""
+    return sorted(path for path in folder.rglob("*") if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def label_of(path: Path, folder: Path, labels: list):
+    """The index of the label that names `path`'s sub-folder of `folder`, else None."""
+    parts = path.relative_to(folder).parts
+    return labels.index(parts[0]) if len(parts) == 2 and parts[0] in labels else None
+
+
+def split(files: list, groups: list) -> tuple:
+    """(calibrate, held_out) lists of indices into `files`: each group (a label, or one group for
+    unlabelled folders) shuffled with SPLIT_SEED, its first half calibrating, the rest held out."""
+    calibrate, held_out = [], []
+    rng = random.Random(SPLIT_SEED)
+    for group in sorted(set(groups), key=str):
+        members = [i for i, g in enumerate(groups) if g == group]
+        rng.shuffle(members)
+        n_calibrate = max(1, round(len(members) * (1 - HELD_OUT_FRACTION))) if len(members) > 1 else len(members)
+        calibrate += members[:n_calibrate]
+        held_out += members[n_calibrate:]
+    return sorted(calibrate), sorted(held_out)
+
+
+def preprocess(paths: list, preset: Preset) -> torch.Tensor:
+    """Tensor[N, 3, crop, crop] float32 for image files, decoded and preprocessed as the worker does."""
+    transform = PilPreprocessing(preset)
+    tensors = []
+    for path in paths:
+        try:
+            tensors.append(transform(path.read_bytes()))
+        except RequestError as err:
+            raise TvserveError(f"Calibration image {path} cannot be used: {err.message} Remove it and retry.") from None
+    return torch.stack(tensors)
+
+
+def split_files(folder, labels: list) -> tuple:
+    """(calibrate files, held-out files, held-out label indices or None) of a calibration folder.
+    Its images are labelled when every one sits in a sub-folder named after one of the model's
+    labels (an image folder of class sub-folders); the split is then made per label."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TvserveError(f"--calibration {folder} is not a folder: give a folder of images (a few hundred "
+                           "is typical; class sub-folders named after the labels add accuracies).")
+    files = image_files(folder)
+    if len(files) < 2:
+        raise TvserveError(f"--calibration {folder} holds {len(files)} image(s): int8 needs at least 2 (a few hundred "
+                           "is typical), half to calibrate and half to measure the accuracy cost on.")
+    found = [label_of(path, folder, labels) for path in files]
+    labelled = all(index is not None for index in found)
+    if not labelled and any(index is not None for index in found):
+        others = sorted({path.relative_to(folder).parts[0] for path, index in zip(files, found) if index is None})
+        log.warning("calibration: %s are not sub-folders named after labels: accuracies are not measured",
+                    ", ".join(others[:5]))
+    calibrate, held_out = split(files, found if labelled else [None] * len(files))
+    if not held_out:
+        raise TvserveError(f"--calibration {folder}: no image is left to measure on; add images.")
+    log.info("calibration: %d images from %s, %d to calibrate, %d held out%s", len(files), folder, len(calibrate),
+             len(held_out), " (labelled by sub-folder)" if labelled else "")
+    return ([files[i] for i in calibrate], [files[i] for i in held_out],
+            [found[i] for i in held_out] if labelled else None)
+
+
+def read_calibration(folder, preset: Preset, labels: list) -> CalibrationSet:
+    """The calibration set of `folder` (split_files), preprocessed as the worker does."""
+    calibrate, held_out, held_out_labels = split_files(folder, labels)
+    return CalibrationSet(folder=Path(folder), calibrate=preprocess(calibrate, preset),
+                          held_out=preprocess(held_out, preset),
+                          held_out_labels=None if held_out_labels is None else torch.tensor(held_out_labels))
+
+
+def scores(runner, task, images: torch.Tensor) -> torch.Tensor:
+    """The task's scores (classification: probabilities) Tensor[N, n_labels] for Tensor[N, 3, H, W]."""
+    with torch.inference_mode():
+        return torch.cat([task.scores(runner(batch)) for batch in images.split(BATCH)])
+
+
+def measure(fp32_runner, int8_runner, task, calibration: CalibrationSet, *, method: str,
+            min_agreement: float) -> Quantization:
+    """The int8 runner's cost against the fp32 one on the held-out images."""
+    reference, reduced = (scores(runner, task, calibration.held_out) for runner in (fp32_runner, int8_runner))
+    top1 = reference.argmax(1), reduced.argmax(1)
+    labels = calibration.held_out_labels
+    accuracy = (lambda predicted: round((predicted == labels).float().mean().item(), 6)) if labels is not None else None
+    return Quantization(
+        method=method, calibration_dir=str(calibration.folder.resolve()),
+        calibration_images=len(calibration.calibrate), held_out_images=len(calibration.held_out),
+        top1_agreement=round((top1[0] == top1[1]).float().mean().item(), 6),
+        max_probability_change=round((reference - reduced).abs().max().item(), 6), min_agreement=min_agreement,
+        accuracy_fp32=accuracy and accuracy(top1[0]), accuracy_int8=accuracy and accuracy(top1[1]),
+    )
+
+
+def summary(cost: Quantization, precision: str = "int8") -> str:
+    """One line: the measured cost of `precision` against fp32."""
+    agreeing = round(cost.top1_agreement * cost.held_out_images)
+    line = (f"top-1 agreement with fp32 {100 * cost.top1_agreement:.1f}% ({agreeing}/"
+            f"{cost.held_out_images} held-out images), largest probability change {cost.max_probability_change:.3f}")
+    if cost.accuracy_fp32 is not None:
+        line += f", accuracy fp32 {100 * cost.accuracy_fp32:.1f}% / {precision} {100 * cost.accuracy_int8:.1f}%"
+    return line + f" (calibrated on {cost.calibration_images} images)"
+
+
+def check(cost: Quantization, precision: str = "int8") -> None:
+    """Raises TvserveError, with the numbers, when the agreement is below the threshold."""
+    if cost.top1_agreement < cost.min_agreement:
+        raise TvserveError(
+            f"{precision} refused: {summary(cost, precision)}; below --min-agreement {cost.min_agreement:g}. "
+            "Calibrate on more (and more typical) images, lower --min-agreement, or archive in fp32."
+        )
+    log.info("%s: %s", precision, summary(cost, precision))
