@@ -35,6 +35,7 @@ from tvserve.build.options import ArchiveOptions
 from tvserve.build.sources import archive_torchvision, random_state_dict, torchvision_record
 from tvserve.build.zoo import models_by_task, preset_of
 from tvserve.ops import client
+from tvserve.tools.tasks_latency import detecting_weights  # random weights that detect something
 
 TASKS = models_by_task()
 OTHER_WEIGHTS = [weights for task, names in TASKS.items() if task != "classification"
@@ -148,18 +149,6 @@ LIVE = {
 ALL_DETECTIONS = {"X-Threshold": "0", "X-Max_Detections": "1000"}
 
 
-def random_weights_file(name: str, path, folder) -> None:
-    torch.manual_seed(0)
-    record = torchvision_record(name, get_model_weights(name).DEFAULT)
-    state = random_state_dict(record, folder)
-    for key, value in state.items():
-        if key.endswith("cls_score.weight"):
-            value.normal_(0, 0.05)
-        if key.endswith("cls_score.bias"):
-            value.normal_(-1.5, 2.0) if len(value) > 2 else value.copy_(torch.tensor([0.0, -2.0]))
-    torch.save(state, path)
-
-
 def torchvision_model(name, weights_file):
     """The model exactly as torchvision's builder makes it for its pretrained weights, given our file."""
     enum = get_model_weights(name).DEFAULT
@@ -195,7 +184,7 @@ def served_tasks(server, model_store, work):
     archives = {}
     for task, name in LIVE.items():
         weights_file = work / f"{name}-random.pth"
-        random_weights_file(name, weights_file, work)
+        detecting_weights(name, weights_file, work)
         archives[task] = archive_torchvision(name, weights_file=weights_file, options=ArchiveOptions(
             export_path=model_store, backend="eager", workers=1, batch_size=4 if task == "detection" else 1,
             max_batch_delay=200 if task == "detection" else 1, startup_timeout=300))
