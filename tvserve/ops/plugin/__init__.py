@@ -81,7 +81,3 @@ def run(command: list) -> None:
     if result.returncode != 0:
         raise TvserveError(f"Building tvserve's TorchServe plugin failed ({command[0]}):\n{result.stderr[-2000:]}")
 
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    build_plugin(PREBUILT)
