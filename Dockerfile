@@ -18,10 +18,11 @@ COPY tvserve tvserve
 COPY handlers handlers
 COPY training training
 RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --no-compile .
-# The /v2 and /v1 routes' TorchServe plugin, compiled here into the package (the runtime has only a JRE).
+# The /v2 and /v1 routes' TorchServe plugin, compiled here into the installed package (-P: not the
+# source tree in this WORKDIR), so that the runtime needs only a JRE.
 # hadolint ignore=DL3008
 RUN mkdir -p /usr/share/man/man1 && apt-get update && apt-get install -y --no-install-recommends openjdk-17-jdk-headless \
- && /opt/venv/bin/python -m tvserve.ops.plugin && rm -rf /var/lib/apt/lists/*
+ && /opt/venv/bin/python -P -m tvserve.ops.plugin && rm -rf /var/lib/apt/lists/*
 # Archives in the context's model_store/ are taken as they are; the missing defaults are built
 # (digits_net is trained here, about 20 s; resnet18 when its weights can be downloaded).
 COPY model_store model_store
