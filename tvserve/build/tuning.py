@@ -169,7 +169,7 @@ def select_eager(model: torch.nn.Module, task, preset: Preset, threads: int, wan
     eager_report = {"name": "eager", "parity": 0.0, "ms_batch_1": round(alone, 3),
                     f"ms_batch_{size}": round(together / size, 3), "ms": round(max(alone, together / size), 3)}
     others = [{"name": name, "error": f"not tried: {task.name} models take images of their own sizes"}
-              for name in BACKENDS if name != "eager"]
+              for name in RUNTIMES if name != "eager"]
     return {"name": "eager", "file": None,
             "selection": {"wanted": wanted, "threads": threads, "cpu": cpu_name(), "candidates": [eager_report, *others]}}
 
