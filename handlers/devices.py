@@ -38,12 +38,9 @@ class PilPreprocessing:
         return open_image(data, draft_min_side=self.draft_min_side)
 
     def __call__(self, data) -> torch.Tensor:
-        return self.prepare(data)[0]
-
-    def prepare(self, data) -> tuple:
-        """(model input Tensor[3, H', W'] float32, (height, width) of the upright image as sent, px)."""
-        image = self.decode(data)
-        return self.transform(image), (image.height, image.width)
+        """One image -> the model's input Tensor[3, H', W'] float32 (the handler times the two steps
+        apart and also keeps the decoded image's size: TvserveHandler.preprocess_image)."""
+        return self.transform(self.decode(data))
 
 
 PREPROCESSORS = {PilPreprocessing.name: PilPreprocessing}

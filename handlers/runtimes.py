@@ -206,5 +206,4 @@ def backends_of(precision: str) -> tuple:
     return tuple(name for name, runtime in RUNTIMES.items() if runtime.precision == precision)
 
 
-BACKENDS = tuple(RUNTIMES)
 EAGER = tuple(name for name, runtime in RUNTIMES.items() if runtime.file is None)  # built from the weights

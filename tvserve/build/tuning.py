@@ -68,6 +68,14 @@ def median_ms(runners: dict, batch: torch.Tensor, warmup: int = WARMUP_RUNS, per
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def timing(alone: float, together: float, size: int) -> dict:
+    """A candidate's timings, ms per image: alone (batch 1) and in a batch of `size` (the `together`
+    ms of the whole batch, shared out); its score "ms" is the slower of the two, so the choice
+    holds at low and high load (a runtime can be slower per image in batches)."""
+    return {"ms_batch_1": round(alone, 3), f"ms_batch_{size}": round(together / size, 3),
+            "ms": round(max(alone, together / size), 3)}
+
+
 def parity_gap(task, runner, reference, inputs) -> float:
     """The task's largest answer difference between `runner` and eager `reference` over `inputs`."""
     return max(task.parity_gap(runner(x), reference(x)) for x in inputs)
@@ -125,10 +133,8 @@ def select_backend(model: torch.nn.Module, task, crop: int, threads: int, wanted
         with torch.inference_mode():
             alone = median_ms(runners, inputs[0])
             together = median_ms(runners, batched) if len(batched) > 1 else alone
-        candidates = [{**report, **({
-            "ms_batch_1": round(alone[name], 3), f"ms_batch_{len(batched)}": round(together[name] / len(batched), 3),
-            "ms": round(max(alone[name], together[name] / len(batched)), 3)} if name in runners else {})}
-            for report, _ in tried for name in [report["name"]]]
+        candidates = [{**report, **(timing(alone[name], together[name], len(batched)) if name in runners else {})}
+                      for report, _ in tried for name in [report["name"]]]
     finally:
         torch.set_num_threads(previous)
     for candidate in candidates:
@@ -166,8 +172,7 @@ def select_eager(model: torch.nn.Module, task, preset: Preset, threads: int, wan
     finally:
         torch.set_num_threads(previous)
     log.info("backend eager: %.1f ms/image (%s: exports not tried)", alone, task.name)
-    eager_report = {"name": "eager", "parity": 0.0, "ms_batch_1": round(alone, 3),
-                    f"ms_batch_{size}": round(together / size, 3), "ms": round(max(alone, together / size), 3)}
+    eager_report = {"name": "eager", "parity": 0.0, **timing(alone, together, size)}
     others = [{"name": name, "error": f"not tried: {task.name} models take images of their own sizes"}
               for name in RUNTIMES if name != "eager"]
     return {"name": "eager", "file": None,

@@ -13,12 +13,12 @@
 import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import requests
 
 from tvserve.ops.management import pending_requests, readiness
+from tvserve.ops.stopping import busy_workers
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class ProbeState:
             queued = sum(pending_requests(self.server.management_url, self.server.keys().get("management")).values())
         except (requests.RequestException, ValueError):
             queued = 0
-        return queued + sum(1 for _ in Path(self.server.busy_dir).glob("*"))
+        return queued + len(busy_workers(self.server.busy_dir))  # a killed worker's marker is not counted
 
     def metrics(self) -> str:
         ready = int(self.ready()[0])
