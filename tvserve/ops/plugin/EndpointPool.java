@@ -103,39 +103,39 @@ final class EndpointPool extends AbstractExecutorService {
         return true;
     }
 
-    /** The value of `type` that a plugin endpoint's task captured, or null (any other task). */
-    private static <T> T captured(Runnable task, Class<T> type) {
+    /** The values a plugin endpoint's task captured (its fields); none for any other task. */
+    private static List<Object> capturedValues(Runnable task) {
+        List<Object> values = new ArrayList<>();
         if (!task.getClass().getName().contains(ENDPOINT_TASK)) {
-            return null;
+            return values;
         }
         for (Field field : task.getClass().getDeclaredFields()) {
             try {
                 field.setAccessible(true);
-                Object value = field.get(task);
-                if (type.isInstance(value)) {
-                    return type.cast(value);
-                }
+                values.add(field.get(task));
             } catch (ReflectiveOperationException | RuntimeException e) {
                 logger.warn("tvserve plugin: cannot read a captured value of {}", task.getClass(), e);
+            }
+        }
+        return values;
+    }
+
+    /** The value of `type` that a plugin endpoint's task captured, or null (any other task). */
+    private static <T> T captured(Runnable task, Class<T> type) {
+        for (Object value : capturedValues(task)) {
+            if (type.isInstance(value)) {
+                return type.cast(value);
             }
         }
         return null;
     }
 
+    /** The task's captured buffers that are still live, each retained once (released by the caller). */
     private static List<ReferenceCounted> retainCaptured(Runnable task) {
         List<ReferenceCounted> held = new ArrayList<>();
-        if (!task.getClass().getName().contains(ENDPOINT_TASK)) {
-            return held;
-        }
-        for (Field field : task.getClass().getDeclaredFields()) {
-            try {
-                field.setAccessible(true);
-                Object value = field.get(task);
-                if (value instanceof ReferenceCounted && ((ReferenceCounted) value).refCnt() > 0) {
-                    held.add(((ReferenceCounted) value).retain());
-                }
-            } catch (ReflectiveOperationException | RuntimeException e) {
-                logger.warn("tvserve plugin: cannot read a captured value of {}", task.getClass(), e);
+        for (Object value : capturedValues(task)) {
+            if (value instanceof ReferenceCounted && ((ReferenceCounted) value).refCnt() > 0) {
+                held.add(((ReferenceCounted) value).retain());
             }
         }
         return held;
