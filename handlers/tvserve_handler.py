@@ -91,7 +91,8 @@ class TvserveHandler:
 
     def decode(self, protocol, request: dict, headers: dict) -> tuple:
         """One request -> (Decoded, [Tensor[3, H, W] float32 per image], options: the task's, and
-        "image_size" / "image_sizes", the (height, width) of the first / each upright image as sent).
+        "image_size", the (height, width) of the upright image as sent; the tasks that read it answer
+        one image per request).
         Raises RequestError for client mistakes; in a several-image request it names the image."""
         if protocol.name not in self.task.protocols:
             raise RequestError(400, "UnsupportedProtocol",
@@ -105,8 +106,7 @@ class TvserveHandler:
             return decoded, [], {}
         options = self.task.parse_options(decoded.options)
         prepared = [self.preprocess_image(image, i, len(decoded.images)) for i, image in enumerate(decoded.images)]
-        sizes = [size for _, size in prepared]
-        return decoded, [tensor for tensor, _ in prepared], {**options, "image_size": sizes[0], "image_sizes": sizes}
+        return decoded, [tensor for tensor, _ in prepared], {**options, "image_size": prepared[0][1]}
 
     def preprocess_image(self, image, index: int, count: int) -> tuple:
         """Decodes and preprocesses one image, timing each stage: (Tensor[3, H, W], (height, width))."""
