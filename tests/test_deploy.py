@@ -5,6 +5,7 @@ port, environment variable and metric name they use checked against what tvserve
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,7 @@ OVERLAYS = sorted(path.name for path in (KUBERNETES / "overlays").iterdir())
 KUBERNETES_VERSION = kubernetes_validate.latest_version()  # the newest release the installed package bundles
 ISVC_SCHEMA = json.loads((KSERVE / "schema" / "inferenceservice-v1beta1.schema.json").read_text())
 ENTRYPOINT = REPO / "scripts" / "container" / "entrypoint.sh"
+PLUGIN = REPO / "tvserve" / "ops" / "plugin"  # the frontend plugin reads TVSERVE_KEYS_DIR (SuppliedKeys.java)
 STOP_MARGIN = 30  # s for TorchServe itself to stop after the drain
 
 
@@ -126,7 +128,8 @@ def named_port(container: dict, port) -> int:
 def test_probes_ports_and_env_are_what_the_server_serves(where):
     pod, container = pod_and_container(where)
     env = {item["name"]: item for item in container["env"]}
-    known = ENTRYPOINT.read_text() + "".join(path.read_text() for path in REPO.glob("tvserve/**/*.py"))
+    sources = [*REPO.glob("tvserve/**/*.py"), *PLUGIN.glob("*.java")]
+    known = ENTRYPOINT.read_text() + "".join(path.read_text() for path in sources)
     assert [name for name in env if name not in known and name != CPUS_ENV] == []
     assert CPUS_ENV in env  # the thread budget follows the CPU limit
     probe_port = port_of(env["TVSERVE_PROBE_ADDRESS"]["value"])
@@ -146,6 +149,34 @@ def test_probes_ports_and_env_are_what_the_server_serves(where):
     assert {"/var/lib/tvserve", "/tmp"} <= mounts  # TVSERVE_WORKDIR (Dockerfile) and the JVM's temp files
     limits, requests_ = container["resources"]["limits"], container["resources"]["requests"]
     assert limits["cpu"] == requests_["cpu"]  # TVSERVE_CPUS = the limit = what the pod is given
+
+
+def keys_dir_env() -> str:
+    """The environment variable the frontend plugin reads its keys folder from."""
+    [name] = re.findall(r'DIR_ENV = "(\w+)"', (PLUGIN / "SuppliedKeys.java").read_text())
+    return name
+
+
+def keys_file_names() -> list:
+    """The files the plugin reads in that folder: the Secret's keys."""
+    [names] = re.findall(r'APIS = \{([^}]*)\}', (PLUGIN / "SuppliedKeys.java").read_text())
+    return re.findall(r'"(\w+)"', names)
+
+
+@pytest.mark.parametrize("where", OVERLAYS + ["kserve"])
+def test_the_keys_come_from_a_secret_mounted_read_only_where_the_server_reads_them(where):
+    pod, container = pod_and_container(where)
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    folder = env[keys_dir_env()]
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == folder]
+    assert mount["readOnly"] is True
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "tvserve-keys" and volume["secret"]["optional"] is False
+    assert volume["secret"]["defaultMode"] & 0o007 == 0  # nothing for the world
+    assert "items" not in volume["secret"]  # each key of the Secret is a file named as the key
+    readme = (REPO / "README.md").read_text()
+    assert all(f"--from-literal={name}=" in readme for name in keys_file_names())  # README's Secret has those keys
+    assert not [m for m in container["volumeMounts"] if m["mountPath"] != folder and folder.startswith(m["mountPath"])]
 
 
 def test_service_autoscaler_and_scrape_names_match_the_server():

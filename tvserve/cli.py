@@ -278,7 +278,10 @@ def print_try_line(server, model: str) -> None:
         print(f"  try: curl -T IMAGE {local}/predictions/{model}", flush=True)
         return
     key_file = server.workdir / client.KEY_FILE
-    print(f"  token authorization is on: the API keys are in {key_file} (mode 0600); send the inference key:")
+    print(f"  token authorization is on: the API keys are in {key_file} (mode 0600)")
+    for api, source in client.key_sources(server.workdir).items():
+        print(f"  {api} key: {source}")
+    print("  send the inference key:")
     print(f"  try: curl -H \"Authorization: Bearer $(python3 -c 'import json; "
           f"print(json.load(open(\"{key_file}\"))[\"inference\"][\"key\"])')\" -T IMAGE {local}/predictions/{model}",
           flush=True)

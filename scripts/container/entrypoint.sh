@@ -8,6 +8,8 @@
 #   TVSERVE_GRPC_INFERENCE_PORT, TVSERVE_GRPC_MANAGEMENT_PORT   default 7070, 7071 (loopback)
 #   TVSERVE_PROBE_ADDRESS       default http://127.0.0.1:8083: /ready, /live, /metrics (Kubernetes: 0.0.0.0)
 #   TVSERVE_UNREADY_SECONDS     default 0: /ready says 503 this long after SIGTERM, before the drain
+#   TVSERVE_KEYS_DIR            unset: TorchServe's random API keys; else a folder (a mounted Secret) with
+#                               files `inference` and/or `management` holding the keys every replica shares
 # The defaults are config.production.properties' own. Extra arguments go to `tvserve serve`.
 set -eu
 workdir=${TVSERVE_WORKDIR:-/var/lib/tvserve}

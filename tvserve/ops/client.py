@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_MANAGEMENT_URL = "http://127.0.0.1:8081"
 KEY_FILE = "key_file.json"  # written by TorchServe in its working directory when tokens are on
+RANDOM_KEY = "TorchServe's random key, new at each start"  # a key no TVSERVE_KEYS_DIR file supplied
 RETRIES = 4  # after the first try: 0.5 + 1 + 2 + 4 s of backoff at most
 BACKOFF = 0.5  # s before the first retry, doubled each retry after it
 MAX_WAIT = 10.0  # s, the most one Retry-After is honoured for
@@ -35,13 +36,26 @@ WORKER_DIED = "Worker died."  # TorchServe's message when a worker dies under a 
 RETRY_METHODS = Retry.DEFAULT_ALLOWED_METHODS | {"POST"}  # a prediction changes nothing on the server
 
 
-def read_keys(workdir) -> dict:
-    """{"inference": key, "management": key} from a server's key file; {} when tokens are off."""
+def key_entries(workdir) -> dict:
+    """{"inference": {"key", "expiration time"[, "source"]}, "management": {...}} from a server's key
+    file; {} when tokens are off."""
     path = Path(workdir) / KEY_FILE
     if not path.exists():
         return {}
-    keys = json.loads(path.read_text())
-    return {api: keys[api]["key"] for api in ("inference", "management") if api in keys}
+    entries = json.loads(path.read_text())
+    return {api: entries[api] for api in ("inference", "management") if api in entries}
+
+
+def read_keys(workdir) -> dict:
+    """{"inference": key, "management": key} from a server's key file; {} when tokens are off."""
+    return {api: entry["key"] for api, entry in key_entries(workdir).items()}
+
+
+def key_sources(workdir) -> dict:
+    """{"inference": where its key came from, "management": ...}: the file the frontend plugin read
+    it from (TVSERVE_KEYS_DIR, tvserve/ops/plugin/SuppliedKeys.java), or TorchServe's own random key;
+    {} when tokens are off. Never the keys themselves."""
+    return {api: entry.get("source", RANDOM_KEY) for api, entry in key_entries(workdir).items()}
 
 
 def bearer(token) -> dict:

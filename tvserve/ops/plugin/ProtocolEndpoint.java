@@ -49,6 +49,7 @@ public abstract class ProtocolEndpoint extends ModelServerEndpoint {
             .labelNames("protocol", "status").register();
 
     protected ProtocolEndpoint() {
+        SuppliedKeys.installOnce(); // before any port listens: TorchServe loads plugins first
         EndpointPool.installSoon();
     }
 

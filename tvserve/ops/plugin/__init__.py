@@ -7,7 +7,9 @@ metadata and any `/versions/` path it does not route at all. Its endpoint plugin
 frontend's own jar) gets every path under a first segment, so the Java here (`*.java`) routes
 them: it answers health and readiness from TorchServe's model manager, and forwards model-level
 requests to the model's worker as an inference job with `tvserve-protocol` and `tvserve-action`
-headers. The handler (handlers/protocols/) does all decoding and encoding.
+headers. The handler (handlers/protocols/) does all decoding and encoding. It also installs the
+API keys an operator supplies as files in TVSERVE_KEYS_DIR (a mounted Secret) in place of
+TorchServe's random ones (`SuppliedKeys.java`), so that replicas share them.
 
 The plugin is compiled with the JDK's `javac` against the installed TorchServe's jar the first time a
 server starts (about 5 s), and cached by the hash of its sources and of that jar. `python -m
