@@ -169,7 +169,7 @@ class Server:
         shutil.rmtree(self.busy_dir, ignore_errors=True)
         self.busy_dir.mkdir()
         for plan in self.plans:
-            log.info("sizing (%s): %s", self.machine.describe(), plan.line())
+            log.debug("sizing (%s): %s", self.machine.describe(), plan.line())
         command = [
             str(Path(sys.executable).with_name("torchserve")), "--start", "--foreground", "--ncs",
             "--model-store", str(self.model_store), "--ts-config", str(self.ts_config()),
