@@ -128,10 +128,11 @@ class Server:
     def ts_config(self) -> Path:
         """The config TorchServe starts with: `config` itself when the plans change nothing, else a
         copy in the workdir that registers every model version through a sized model_snapshot."""
+        sized = self.workdir / SIZED_CONFIG
         if not any(plan.changes() for plan in self.plans):
+            sized.unlink(missing_ok=True)  # a previous start's, so that no stale copy suggests it is used
             return self.config
         snapshot = json.dumps(model_snapshot(self.plans, created_ms=int(time.time() * 1000)))  # one line, ASCII
-        sized = self.workdir / SIZED_CONFIG
         sized.write_text(f"{self.config.read_text().rstrip()}\n"
                          f"# tvserve: every model sized for {self.machine.describe()} (tvserve/ops/sizing.py)\n"
                          f"model_snapshot={snapshot}\n")
