@@ -1,20 +1,24 @@
-"""The CPU thread budget of a worker: workers x threads <= cores. No torch here, so the server side
-(tvserve/ops/server.py) shares this one rule without importing it."""
+"""The CPU thread budget of a worker: workers x threads <= cores, and the CPU workers rule. No torch
+here, so the server side (tvserve/ops/server.py, tvserve/ops/sizing.py) shares these rules with the
+archiver and the worker without importing it."""
 
 import os
 
 
 CPUS_ENV = "TVSERVE_CPUS"  # cores this server may use; Kubernetes sets it from the container's CPU limit
+MAX_AUTO_WORKERS = 8
 
 
-def cores() -> int:
-    """TVSERVE_CPUS where set (a container sees the node's CPUs, not its limit), else this machine's."""
-    return int(os.environ.get(CPUS_ENV) or os.cpu_count() or 1)
+def cores(env: dict = None) -> int:
+    """TVSERVE_CPUS where set in `env` (default: this process's environment; a container sees the
+    node's CPUs, not its limit), else this machine's."""
+    env = os.environ if env is None else env
+    return int(env.get(CPUS_ENV) or os.cpu_count() or 1)
 
 
-def cores_per_worker(workers: int) -> int:
+def cores_per_worker(workers: int, env: dict = None) -> int:
     """The cores (see `cores`) shared evenly among `workers` (at least 1)."""
-    return max(1, cores() // max(1, workers))
+    return max(1, cores(env) // max(1, workers))
 
 
 def thread_budget(model_yaml_config: dict) -> int:
@@ -25,3 +29,11 @@ def thread_budget(model_yaml_config: dict) -> int:
     if threads:
         return int(threads)
     return cores_per_worker(int(config.get("maxWorkers") or config.get("minWorkers") or 1))
+
+
+def cpu_workers(cores: int, forward_ms: float, preprocess_ms: float) -> int:
+    """Workers for a CPU machine of `cores`: one per core (at most MAX_AUTO_WORKERS, one thread each)
+    when the model's forward on one thread (`forward_ms`) is cheaper than preprocessing a 0.5 MP
+    photo (`preprocess_ms`): decoding is then the work, and a worker decodes on one core only.
+    Else one worker with every core's threads."""
+    return min(cores, MAX_AUTO_WORKERS) if forward_ms < preprocess_ms else 1

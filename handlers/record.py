@@ -8,6 +8,7 @@ its weights and its runtime. The archiver writes it (tvserve/build/) and the wor
      "labels": [...], "weights": {"file": "weights.pt", "sha256": "...", "origin": "file", ...},
      "backend": {"name": "onnxruntime", "file": "model.onnx", "sha256": "...", "selection": {...}},
        (an int8 archive's backend adds "precision": "int8" and "quantization": {...}, its measured cost)
+     "sizing": {"decided": ["batch_size", "max_batch_delay"], "cores": 2},
      "versions": {...}, "created": "...", "extra": {...}}
 
 Archives written before the record had a version (format 1: no "format" key, always
@@ -176,6 +177,29 @@ class Backend(FileEntry):
                    quantization=Quantization.from_dict(quantization) if quantization else None)
 
 
+SIZES = ("workers", "batch_size", "max_batch_delay")  # model-config.yaml's serving sizes, as ArchiveOptions names them
+
+
+@dataclass
+class Sizing:
+    """Which of the archive's serving sizes (SIZES) the archiver decided rather than the user gave,
+    and the cores of the machine it decided them on; the measured costs they were decided on are
+    the backend's `selection` (its "workers" rule: forward_ms and preprocess_ms on one thread, and
+    each candidate's ms per image). A server may re-size what was decided for its own machine
+    (tvserve/ops/sizing.py), never what was given. Records without it (older archives) have none:
+    every size counts as given, and they are never re-sized."""
+
+    decided: tuple = ()
+    cores: int = None
+
+    def to_dict(self) -> dict:
+        return {"decided": list(self.decided), "cores": self.cores}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Sizing":
+        return cls(decided=tuple(name for name in data.get("decided", ()) if name in SIZES), cores=data.get("cores"))
+
+
 @dataclass
 class Record:
     """Everything an archive records about its model (see the module docstring for the JSON)."""
@@ -189,6 +213,7 @@ class Record:
     keypoint_names: list = None  # keypoints task: the names of the model's keypoints, in order
     weights: Weights = None
     backend: Backend = None
+    sizing: Sizing = None  # None: an archive from before sizing was recorded (every size counts as given)
     version: str = None
     versions: dict = None  # library versions at archive time
     created: str = None
@@ -200,7 +225,8 @@ class Record:
             "format": self.format, "name": self.name, "version": self.version, "task": self.task,
             "source": self.source, "model": self.model.to_dict(), "preset": self.preset.to_dict(),
             "labels": list(self.labels), "keypoint_names": self.keypoint_names, "weights": self.weights and self.weights.to_dict(),
-            "backend": self.backend and self.backend.to_dict(), "versions": self.versions,
+            "backend": self.backend and self.backend.to_dict(),
+            "sizing": self.sizing and self.sizing.to_dict(), "versions": self.versions,
             "created": self.created, "extra": self.extra,
         }
         return {key: value for key, value in out.items() if value is not None}
@@ -221,6 +247,7 @@ class Record:
                 task=data.get("task", DEFAULT_TASK), keypoint_names=data.get("keypoint_names"),
                 weights=Weights.from_dict(data["weights"]) if data.get("weights") else None,
                 backend=Backend.from_dict(data["backend"]) if data.get("backend") else None,
+                sizing=Sizing.from_dict(data["sizing"]) if data.get("sizing") else None,
                 version=data.get("version"), versions=data.get("versions"), created=data.get("created"),
                 extra=dict(data.get("extra") or {}), format=fmt,
             )

@@ -17,6 +17,7 @@ from PIL import Image
 
 from conftest import PHOTOS
 from helpers import served_probabilities, write_custom_model
+from handlers.budget import MAX_AUTO_WORKERS
 from handlers.images import open_image
 from handlers.runtimes import EAGER
 from handlers.tasks.classification import PARITY_TOLERANCE
@@ -24,7 +25,7 @@ from tvserve import TvserveError
 from tvserve.build.mar import read_model_config as archive_config, read_record
 from tvserve.build.options import ArchiveOptions
 from tvserve.build.sources import archive_checkpoint, archive_custom, archive_torchvision
-from tvserve.build.tuning import BATCH_GAIN, BATCH_SIZE, MAX_AUTO_WORKERS
+from tvserve.build.tuning import BATCH_GAIN, BATCH_SIZE
 from tvserve.ops import client
 from tvserve.ops.properties import write_properties
 from tvserve.ops.server import Server

@@ -211,6 +211,9 @@ def cmd_serve(args):
     if not models:
         raise TvserveError(f"No archives in {server.model_store}. Run `tvserve prepare` or `tvserve archive ...`.")
     print(f"Starting TorchServe with {', '.join(models)} (logs: {server.log_dir}) ...", flush=True)
+    print(f"Sized for {server.machine.describe()}:")
+    for plan in server.plans:
+        print(f"  {plan.line()}")
     server.start()
     probe = start_probe(server) if not args.detach else None
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C: drained, exit 0

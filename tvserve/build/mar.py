@@ -41,6 +41,16 @@ def read_model_config(mar: Path) -> dict:
         return {}
 
 
+def manifest_model(mar: Path) -> dict:
+    """The "model" part of the archive's TorchServe manifest (modelName, modelVersion, handler, ...)."""
+    return json.loads(read_member(mar, MANIFEST_FILE))["model"]
+
+
 def registered_name(mar: Path) -> str:
     """The name TorchServe registers a .mar under: its manifest's, not the file's."""
-    return json.loads(read_member(mar, MANIFEST_FILE))["model"]["modelName"]
+    return manifest_model(mar)["modelName"]
+
+
+def registered_version(mar: Path) -> str:
+    """The version TorchServe registers a .mar as: its manifest's (1.0 where it names none)."""
+    return manifest_model(mar).get("modelVersion") or "1.0"

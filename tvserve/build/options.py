@@ -4,10 +4,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from handlers.budget import cores_per_worker
+from handlers.record import SIZES
 from handlers.runtimes import PRECISIONS, RUNTIMES, backends_of
 from tvserve import TvserveError
 
 DEFAULT_VERSION = "1.0"
+DEFAULT_MAX_BATCH_DELAY = 1  # ms: the most an idle server adds; a backlog fills batches at once (see README)
 
 
 @dataclass
@@ -20,7 +22,7 @@ class ArchiveOptions:
     force: bool = False
     workers: int = None  # None: measured here (tuning.choose_workers)
     batch_size: int = None  # None: 8 where batches are cheaper per image here, else 1 (tuning.choose_batch_size)
-    max_batch_delay: int = 1  # ms: the most an idle server adds; a backlog fills batches at once (see README)
+    max_batch_delay: int = None  # None: DEFAULT_MAX_BATCH_DELAY
     response_timeout: int = 120  # s
     startup_timeout: int = 120  # s
     threads: int = None  # torch threads per worker; None: cores / workers, decided in the worker
@@ -46,6 +48,11 @@ class ArchiveOptions:
         if not 0 <= self.min_agreement <= 1:
             raise TvserveError(f"--min-agreement is a fraction from 0 to 1 (0.99: 99%), got {self.min_agreement}.")
 
+    def left_to_archiver(self) -> tuple:
+        """The serving sizes (record.SIZES) the user did not give: the archiver decides them, and a
+        server may re-size them for its machine (recorded as the record's Sizing)."""
+        return tuple(name for name in SIZES if getattr(self, name) is None)
+
     def thread_budget(self) -> int:
         """The threads a worker of this archive gets on this machine (as the handler decides)."""
         return self.threads or cores_per_worker(self.workers or 1)
@@ -55,7 +62,7 @@ class ArchiveOptions:
             "minWorkers": self.workers,
             "maxWorkers": self.workers,
             "batchSize": self.batch_size,
-            "maxBatchDelay": self.max_batch_delay,
+            "maxBatchDelay": DEFAULT_MAX_BATCH_DELAY if self.max_batch_delay is None else self.max_batch_delay,
             "responseTimeout": self.response_timeout,
             "startupTimeout": self.startup_timeout,
         }

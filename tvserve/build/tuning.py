@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from handlers.budget import cpu_workers
 from handlers.devices import PilPreprocessing
 from handlers.record import Preset
 from handlers.runtimes import RUNTIMES, backends_of, export, load_runner, set_threads
@@ -191,7 +192,6 @@ def cpu_name() -> str:
 
 BATCH_GAIN = 0.8  # batch when a batch's forward costs at most this much per image of a single one
 BATCH_SIZE = 8
-MAX_AUTO_WORKERS = 8
 
 
 def choose_batch_size(backend: dict) -> int:
@@ -214,12 +214,16 @@ def sample_jpeg(width: int = 866, height: int = 577) -> bytes:
     return buffer.getvalue()
 
 
+def archive_cores() -> int:
+    """The cores this machine's archives are sized for (recorded in the archive's Sizing)."""
+    return os.cpu_count() or 1
+
+
 def choose_workers(model: torch.nn.Module, preset: Preset, task) -> dict:
-    """One worker per core (at most MAX_AUTO_WORKERS, one thread each) when preprocessing a 0.5 MP
-    photo takes longer than the model's forward on one thread: decoding is then the work, and a
-    worker decodes on one core only. Else one worker with every core's threads.
+    """The workers for this machine by budget.cpu_workers, from the model's forward on one thread
+    and the preprocessing of a 0.5 MP photo, both timed here.
     Returns {"workers", "forward_ms", "preprocess_ms"}: the choice and what it was made on."""
-    cores = os.cpu_count() or 1
+    cores = archive_cores()
     if cores == 1:
         return {"workers": 1}
     data, preprocess = sample_jpeg(), PilPreprocessing(preset)
@@ -234,7 +238,7 @@ def choose_workers(model: torch.nn.Module, preset: Preset, task) -> dict:
                                  "preprocess": lambda _: preprocess(data)}, example, **runs)
     finally:
         torch.set_num_threads(previous)
-    workers = min(cores, MAX_AUTO_WORKERS) if timings["forward"] < timings["preprocess"] else 1
+    workers = cpu_workers(cores, timings["forward"], timings["preprocess"])
     log.info("workers: %d (forward %.2f ms on one thread, preprocessing a 0.5 MP JPEG %.2f ms)",
              workers, timings["forward"], timings["preprocess"])
     return {"workers": workers, "forward_ms": round(timings["forward"], 3),

@@ -31,14 +31,14 @@ from tqdm import tqdm
 
 import handlers
 from handlers.models import build_model
-from handlers.record import METADATA_FILE, Backend, Record, sha256_of
+from handlers.record import METADATA_FILE, Backend, Record, Sizing, sha256_of
 from handlers.runtimes import INT8_METHOD, load_runner
 from handlers.tasks import STACKED, get_task
 from tvserve import TvserveError, __version__
 from tvserve.build.calibration import check as check_cost, measure, read_calibration
 from tvserve.build.mar import MODEL_CONFIG_FILE
 from tvserve.build.options import DEFAULT_VERSION, ArchiveOptions
-from tvserve.build.tuning import TIMED_BATCH, choose_batch_size, choose_workers, select_backend, select_eager
+from tvserve.build.tuning import TIMED_BATCH, archive_cores, choose_batch_size, choose_workers, select_backend, select_eager
 from tvserve.build.weights import load_state_dict_file
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,7 @@ def write_archive(record: Record, weights: Path, options: ArchiveOptions, model_
             sha256 = copy_into(mar, Path(weights), WEIGHTS_FILE)
             if check_sha256:
                 check_sha256(sha256)
+            sizing = Sizing(decided=options.left_to_archiver(), cores=archive_cores())
             options, backend = tune(record, weights, model_dir, options, Path(exports))
             if backend["file"]:
                 exported = Path(backend["file"])
@@ -165,7 +166,7 @@ def write_archive(record: Record, weights: Path, options: ArchiveOptions, model_
                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 weights=replace(record.weights, file=WEIGHTS_FILE, sha256=sha256),
                 preset=replace(record.preset, jpeg_draft=options.jpeg_draft),
-                backend=Backend.from_dict(backend))
+                backend=Backend.from_dict(backend), sizing=sizing)
             mar.writestr("MAR-INF/MANIFEST.json", manifest)
             mar.writestr(METADATA_FILE, record.to_json())
             mar.writestr(MODEL_CONFIG_FILE, yaml.safe_dump(options.model_config(), sort_keys=False))

@@ -3,8 +3,17 @@
 A model counts as ready only when the management API shows its workers READY: `/ping` answers
 Healthy even while a worker crash-loops. A server whose models do not become ready is stopped,
 and the worker's error is read from its log.
+
+Each model is sized for this machine (tvserve/ops/sizing.py). When that changes any model's
+workers, batch size or batch delay, TorchServe starts with a copy of the config in the server's
+workdir that adds a `model_snapshot`: TorchServe 0.12 registers a snapshot's models with the
+snapshot's values (ModelServer.initModelStore restores it instead of load_models, and
+SnapshotManager.restore -> ModelManager.registerAndUpdateModel -> Model.setModelState), where
+load_models would let each archive's model-config.yaml win, and needs no management API.
 """
 
+import functools
+import json
 import logging
 import os
 import shutil
@@ -20,6 +29,7 @@ from handlers.budget import cores_per_worker
 from tvserve import TvserveError
 from tvserve.build.mar import read_model_config, registered_name
 from tvserve.ops import logs, state
+from tvserve.ops.sizing import Machine, model_snapshot, plan_archive
 from tvserve.ops.client import KEY_FILE, read_keys
 from tvserve.ops.management import model_status, readiness
 from tvserve.ops.plugin import build_plugin
@@ -29,6 +39,7 @@ from tvserve.ops.stopping import DRAIN_SECONDS, signal_group, stop_group
 log = logging.getLogger(__name__)
 
 EXTRA_STARTUP_SECONDS = 30  # JVM start and worker spawn, on top of the archives' startupTimeout
+SIZED_CONFIG = "config.sized.properties"  # in the workdir: the config plus the sized model_snapshot
 FAILED_LOADS_BEFORE_GIVING_UP = 2  # TorchServe retries a dead worker forever, with backoff
 
 
@@ -87,6 +98,46 @@ class Server:
             return sorted({registered_name(path) for path in self.archives()})
         return sorted(entry.split("=")[0].removesuffix(".mar") for entry in self.models.split(","))
 
+    def load_order(self) -> list:
+        """[(registered name, .mar path)] in the order TorchServe registers them (the first version
+        of a model it registers becomes the default): for "all", the model store's listing order,
+        which Java's File.listFiles and os.listdir both take unsorted from the directory; else the
+        order of `models` ("NAME=FILE.mar" or "FILE.mar" entries). Missing files are left out."""
+        if self.models == "all":
+            files = [self.model_store / name for name in os.listdir(self.model_store)
+                     if name.endswith(".mar") and not name.startswith(".")]
+            return [(registered_name(mar), mar) for mar in files if mar.is_file()]
+        entries = [entry.split("=", 1) if "=" in entry else [None, entry] for entry in self.models.split(",")]
+        return [(name or registered_name(self.model_store / file), self.model_store / file)
+                for name, file in entries if (self.model_store / file).is_file()]
+
+    def default_workers(self) -> int:
+        """Workers of an archive whose model-config.yaml sets none: the config's default_workers_per_model."""
+        return int(self.properties.get("default_workers_per_model", os.cpu_count() or 1))
+
+    @functools.cached_property
+    def machine(self) -> Machine:
+        """The serving machine as this server's TorchServe sees it (GPUs, cores)."""
+        return Machine.detect({**os.environ, **self.extra_env}, self.properties)
+
+    @functools.cached_property
+    def plans(self) -> list:
+        """Each loaded model version's sizes for this machine (tvserve/ops/sizing.py), in load order."""
+        return [plan_archive(name, mar, self.machine, self.default_workers()) for name, mar in self.load_order()]
+
+    def ts_config(self) -> Path:
+        """The config TorchServe starts with: `config` itself when the plans change nothing, else a
+        copy in the workdir that registers every model version through a sized model_snapshot."""
+        sized = self.workdir / SIZED_CONFIG
+        if not any(plan.changes() for plan in self.plans):
+            sized.unlink(missing_ok=True)  # a previous start's, so that no stale copy suggests it is used
+            return self.config
+        snapshot = json.dumps(model_snapshot(self.plans, created_ms=int(time.time() * 1000)))  # one line, ASCII
+        sized.write_text(f"{self.config.read_text().rstrip()}\n"
+                         f"# tvserve: every model sized for {self.machine.describe()} (tvserve/ops/sizing.py)\n"
+                         f"model_snapshot={snapshot}\n")
+        return sized
+
     def startup_timeout(self) -> float:
         timeouts = [int(read_model_config(mar).get("startupTimeout", 120)) for mar in self.model_store.glob("*.mar")]
         return max(timeouts, default=120) + EXTRA_STARTUP_SECONDS
@@ -104,13 +155,11 @@ class Server:
 
     def threads_per_worker(self) -> int:
         """config's tvserve_threads_per_worker, or for `auto` (the default) the cores shared evenly
-        among every worker of the models it loads, so that workers x threads <= cores."""
+        among every planned worker of the models it loads, so that workers x threads <= cores."""
         threads = self.properties.get("tvserve_threads_per_worker", "auto")
         if threads != "auto":
             return int(threads)
-        default = int(self.properties.get("default_workers_per_model", os.cpu_count() or 1))
-        workers = sum(int(read_model_config(mar).get("minWorkers", default)) for mar in self.archives() if mar.is_file())
-        return cores_per_worker(workers)
+        return cores_per_worker(sum(plan.workers.value for plan in self.plans), {**os.environ, **self.extra_env})
 
     def start(self) -> "Server":
         if not self.model_store.is_dir():
@@ -120,9 +169,11 @@ class Server:
         (self.workdir / KEY_FILE).unlink(missing_ok=True)  # TorchServe writes fresh keys at start
         shutil.rmtree(self.busy_dir, ignore_errors=True)
         self.busy_dir.mkdir()
+        for plan in self.plans:
+            log.debug("sizing (%s): %s", self.machine.describe(), plan.line())
         command = [
             str(Path(sys.executable).with_name("torchserve")), "--start", "--foreground", "--ncs",
-            "--model-store", str(self.model_store), "--ts-config", str(self.config),
+            "--model-store", str(self.model_store), "--ts-config", str(self.ts_config()),
             "--models", self.models, "--plugins-path", str(build_plugin(plugin_cache())),
         ]
         if self.properties.get("tvserve_lean_logs") == "true":

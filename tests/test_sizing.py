@@ -1,0 +1,182 @@
+"""Serve-time sizing (tvserve/ops/sizing.py): the plan's rules on made-up machines, what archives
+record about their sizes, and a real TorchServe sized for a GPU it does not have (TVSERVE_GPUS=1:
+its workers run on the CPU, which is enough to check what TorchServe registered), beside one
+started as before on this CPU machine."""
+
+import os
+
+import pytest
+import requests
+
+from helpers import GATED_MODEL, REPO, run_tvserve, write_custom_model
+from handlers.record import SIZES, Record, Sizing
+from tvserve.build.mar import read_model_config, read_record
+from tvserve.build.options import ArchiveOptions
+from tvserve.build.sources import archive_custom
+from tvserve.ops.client import bearer, read_keys
+from tvserve.ops.management import model_versions
+from tvserve.ops.properties import PRODUCTION_CONFIG, free_ports_config, read_properties
+from tvserve.ops.server import SIZED_CONFIG, Server
+from tvserve.ops.sizing import (GPU_BATCH, GPU_BATCH_DELAY_MS, GPU_BATCH_OTHERS, GPUS_ENV, WORKERS_PER_GPU, Machine,
+                                archived_sizes, gpu_count, model_snapshot, plan_sizes)
+
+ARCHIVED = archived_sizes({"minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 1}, default_workers=1)
+DECIDED = Sizing(decided=SIZES, cores=2)
+COSTS = {"forward_ms": 0.5, "preprocess_ms": 4.0}  # a model cheaper than decoding: one worker per core on a CPU
+
+
+def planned(machine, sizing=DECIDED, task="classification", costs=COSTS) -> tuple:
+    sizes = plan_sizes(ARCHIVED, sizing, task, costs, machine)
+    return sizes["workers"].value, sizes["batch_size"].value, sizes["max_batch_delay"].value
+
+
+@pytest.mark.parametrize("gpus, cores, workers", [(1, 2, 2), (1, 16, 2), (2, 16, 4), (8, 16, 16), (8, 2, 2)])
+def test_decided_sizes_fill_the_gpus_within_the_cores(gpus, cores, workers):
+    assert workers == min(WORKERS_PER_GPU * gpus, cores)
+    assert planned(Machine(gpus=gpus, cores=cores)) == (workers, GPU_BATCH["classification"], GPU_BATCH_DELAY_MS)
+
+
+@pytest.mark.parametrize("task, batch", [("classification", 32), ("semantic_segmentation", 8), ("detection", 4),
+                                         ("instance_segmentation", GPU_BATCH_OTHERS), ("keypoints", GPU_BATCH_OTHERS)])
+def test_gpu_batches_are_smaller_for_models_of_big_images(task, batch):
+    assert planned(Machine(gpus=1, cores=16), task=task)[1] == batch
+
+
+def test_cpu_keeps_the_archive_sizes_on_the_cores_they_were_decided_on():
+    sizes = plan_sizes(ARCHIVED, DECIDED, "classification", COSTS, Machine(gpus=0, cores=2))
+    assert {name: size.value for name, size in sizes.items()} == {"workers": 1, "batch_size": 1, "max_batch_delay": 1}
+    assert "decided on 2 cores, as here" == sizes["workers"].why
+
+
+def test_cpu_of_other_cores_reapplies_the_workers_rule_from_the_recorded_costs():
+    assert planned(Machine(gpus=0, cores=16)) == (8, 1, 1)  # at most MAX_AUTO_WORKERS
+    assert planned(Machine(gpus=0, cores=4)) == (4, 1, 1)
+    assert planned(Machine(gpus=0, cores=16), costs={"forward_ms": 9.0, "preprocess_ms": 4.0}) == (1, 1, 1)
+    without_costs = plan_sizes(ARCHIVED, DECIDED, "classification", {}, Machine(gpus=0, cores=16))["workers"]
+    assert without_costs.value == 1 and "kept" in without_costs.why
+
+
+@pytest.mark.parametrize("gpus, cores", [(0, 2), (0, 16), (1, 2), (1, 16), (2, 16), (8, 16)])
+def test_given_sizes_and_older_archives_are_never_resized(gpus, cores):
+    machine = Machine(gpus=gpus, cores=cores)
+    assert planned(machine, sizing=Sizing(decided=(), cores=2)) == (1, 1, 1)
+    assert planned(machine, sizing=None) == (1, 1, 1)  # a record from before sizing was recorded
+    mixed = plan_sizes(ARCHIVED, Sizing(decided=("workers", "max_batch_delay"), cores=2), "classification",
+                       COSTS, machine)
+    assert mixed["batch_size"].value == 1 and mixed["batch_size"].why == "given when archived"
+
+
+def test_old_records_read_without_sizing_and_new_ones_round_trip():
+    record = Record.from_dict({"name": "m", "source": "custom", "model": {"builder": "torchvision", "name": "m"},
+                               "preset": {}, "labels": ["a"]})
+    assert record.sizing is None
+    record.sizing = Sizing(decided=("batch_size",), cores=4)
+    assert Record.from_json(record.to_json()).sizing == record.sizing
+
+
+def test_gpu_count_prefers_the_override_then_caps_what_is_visible_by_number_of_gpu():
+    assert gpu_count({GPUS_ENV: "8", "CUDA_VISIBLE_DEVICES": "0"}, {}) == (8, GPUS_ENV)
+    assert gpu_count({"CUDA_VISIBLE_DEVICES": "0,1,2"}, {})[0] == 3
+    assert gpu_count({"CUDA_VISIBLE_DEVICES": "0,1,2"}, {"number_of_gpu": "2"})[0] == 2
+    assert gpu_count({"CUDA_VISIBLE_DEVICES": "0,1,2"}, {"number_of_gpu": "0"})[0] == 0
+    assert Machine.detect({GPUS_ENV: "1", "TVSERVE_CPUS": "16"}, {}) == Machine(gpus=1, cores=16, gpus_from=GPUS_ENV)
+
+
+@pytest.fixture(scope="module")
+def sized_store(tmp_path_factory):
+    """Three archives of one tiny model (eager, so nothing but workers and batching is measured):
+    `tiny` leaves every size to the archiver, its version 2.0 gives them all, and `tiny_given`
+    gives its batch size only."""
+    folder = tmp_path_factory.mktemp("sizing")
+    write_custom_model(folder / "model", "tiny", GATED_MODEL, "Gated", ["a", "b"])
+    store = folder / "model_store"
+
+    def archive(**options):
+        return archive_custom(model_file=folder / "model" / "tiny.py", class_name="Gated", init_args="{}",
+                              weights=folder / "model" / "tiny.pt", labels=folder / "model" / "labels.txt",
+                              resize=8, crop=8, mean="0.5,0.5,0.5", std="0.25,0.25,0.25",
+                              options=ArchiveOptions(export_path=store, backend="eager", **options))
+
+    archive(model_name="tiny")
+    archive(model_name="tiny", version="2.0", workers=1, batch_size=2, max_batch_delay=7)
+    archive(model_name="tiny_given", batch_size=4)
+    return store
+
+
+def test_archives_record_which_sizes_were_decided(sized_store):
+    assert read_record(sized_store / "tiny.mar").sizing == Sizing(decided=SIZES, cores=os.cpu_count())
+    assert read_record(sized_store / "tiny-2.0.mar").sizing.decided == ()
+    assert read_record(sized_store / "tiny_given.mar").sizing.decided == ("workers", "max_batch_delay")
+    assert read_model_config(sized_store / "tiny_given.mar")["maxBatchDelay"] == 1  # the archive default
+
+
+def registered(server) -> dict:
+    """{(model, version): (minWorkers, maxWorkers, workers running, batchSize, maxBatchDelay)} as
+    the management API describes them."""
+    versions = model_versions(server.management_url, server.keys().get("management"))
+    return {(name, v["modelVersion"]): (v["minWorkers"], v["maxWorkers"], len(v["workers"]), v["batchSize"],
+                                        v["maxBatchDelay"]) for name, described in versions.items() for v in described}
+
+
+def test_a_gpu_plan_is_what_torchserve_registers_without_the_management_api(tmp_path, sized_store):
+    """The production configuration (no model API): TorchServe takes the planned sizes from the
+    model_snapshot of the server's config copy, every version, the default as it would choose."""
+    config = free_ports_config(PRODUCTION_CONFIG, tmp_path / "production.properties")
+    with Server(model_store=sized_store, config=config, workdir=tmp_path / "server",
+                env={GPUS_ENV: "1", "TVSERVE_CPUS": "2"}) as server:
+        assert "model_snapshot=" in (tmp_path / "server" / SIZED_CONFIG).read_text()
+        assert server.threads_per_worker() == 1  # 2 cores shared by 2 + 1 + 2 workers
+        sizes = registered(server)
+        default = next(plan.version for plan in server.plans if plan.name == "tiny")  # the first listed
+        described = server_describe(server, "tiny")
+    assert sizes == {("tiny", "1.0"): (2, 2, 2, 32, GPU_BATCH_DELAY_MS),
+                     ("tiny", "2.0"): (1, 1, 1, 2, 7),
+                     ("tiny_given", "1.0"): (2, 2, 2, 4, GPU_BATCH_DELAY_MS)}
+    assert described["modelVersion"] == default
+    assert described["loadedAtStartup"] is False  # TorchServe's flag for load_models, not snapshots
+
+
+def server_describe(server, model: str) -> dict:
+    """The management API's description of `model`'s default version."""
+    response = requests.get(f"{server.management_url}/models/{model}", headers=bearer(server.keys().get("management")),
+                            timeout=10)
+    response.raise_for_status()
+    return response.json()[0]
+
+
+def test_without_gpus_serve_starts_as_before_and_prints_each_plan(tmp_path, sized_store):
+    env = {GPUS_ENV: "", "TVSERVE_CPUS": str(os.cpu_count())}
+    if Machine.detect({**os.environ, **env}, {}).gpus:
+        pytest.skip("this machine has a GPU: the CPU start is checked on machines without one")
+    config = free_ports_config(REPO / "config.properties", tmp_path / "config.properties")
+    workdir = tmp_path / "w"
+    started = run_tvserve("serve", "--model-store", sized_store, "--config", config, "--workdir", workdir, "--detach",
+                          env=env)
+    try:
+        assert started.returncode == 0, started.stderr
+        assert f"Sized for no GPU, {os.cpu_count()} cores:" in started.stdout
+        assert "tiny_given 1.0: " in started.stdout and "batch 4 (given when archived)" in started.stdout
+        assert not (workdir / SIZED_CONFIG).exists()
+        versions = model_versions(read_properties(config)["management_address"], read_keys(workdir).get("management"))
+    finally:
+        run_tvserve("stop", "--workdir", workdir)
+    for name, described in versions.items():
+        for v in described:
+            mar = sized_store / (f"{name}.mar" if v["modelVersion"] == "1.0" else f"{name}-{v['modelVersion']}.mar")
+            config_of = read_model_config(mar)
+            assert (v["minWorkers"], v["batchSize"], v["maxBatchDelay"]) == \
+                (config_of["minWorkers"], config_of["batchSize"], config_of["maxBatchDelay"])
+
+
+def test_snapshot_makes_each_models_first_version_its_default():
+    class P:
+        def __init__(self, name, version):
+            self.name, self.version = name, version
+
+        def snapshot_entry(self, default):
+            return {"defaultVersion": default}
+
+    snapshot = model_snapshot([P("a", "2.0"), P("a", "1.0"), P("b", "1.0")], created_ms=0)
+    assert snapshot["modelCount"] == 3
+    assert snapshot["models"] == {"a": {"2.0": {"defaultVersion": True}, "1.0": {"defaultVersion": False}},
+                                  "b": {"1.0": {"defaultVersion": True}}}

@@ -1,0 +1,210 @@
+"""Serve-time sizing: each model's workers, batch size and batch delay for the machine that serves it.
+
+An archive's sizes are decided where it is built, on that machine's CPU (tvserve/build/tuning.py),
+and its record says which ones were decided and which the user gave (handlers/record.py Sizing).
+Here the serving machine's facts (GPU count, cores) re-size the decided ones:
+
+- Given sizes always win, and an archive that does not record its sizing (built before tvserve
+  recorded it) keeps every size: it never says a size was decided.
+- With GPUs: WORKERS_PER_GPU workers per GPU, at most one per core (TorchServe hands GPUs to
+  workers round-robin), batches of the task's GPU_BATCH, and a GPU_BATCH_DELAY_MS batch delay.
+- CPU only: the archive's values, which were tuned and tested there, except that decided workers
+  are re-chosen by the archiver's own rule (budget.cpu_workers) from the costs the archive measured
+  when this machine's cores differ from the archive machine's. The CPU batch rule compared timings
+  taken at the archive machine's thread count, which cannot be re-run here: batch and delay stay.
+
+Pure apart from Machine.detect and plan_archive (which read the machine and the archive); no torch,
+so the server starts without importing it (handlers/budget.py).
+"""
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from handlers.budget import cores, cpu_workers
+from handlers.record import Sizing
+from tvserve import TvserveError
+from tvserve.build.mar import read_model_config, read_record, registered_version
+
+GPUS_ENV = "TVSERVE_GPUS"  # GPUs to size for, over what is detected (tests size for a GPU on a CPU machine)
+NUMBER_OF_GPU = "number_of_gpu"  # TorchServe's own property: it serves on at most this many
+# Two workers per GPU: while one runs its batch's forward on the card, the other decodes and
+# preprocesses its next batch on its core (decoding, not the forward, is a worker's slow part: issue #13).
+WORKERS_PER_GPU = 2
+# Batches that fill a GPU: a classifier's forward per image keeps getting cheaper up to 32 and
+# little after (resnet50 on one H200, issue #13: 7,422 img/s at 32, 8,125 at 64). Detection and
+# segmentation models take big images of their own sizes, each forward already fills the card.
+GPU_BATCH = {"classification": 32, "semantic_segmentation": 8}
+GPU_BATCH_OTHERS = 4  # detection, instance segmentation, keypoints
+# A batch waits at most this long for batch-mates: at low load a lone request waits this much on top
+# of its batch-1 latency (decoding a 0.5 MP photo alone takes ~10 ms), so p99 at low load stays near
+# batch-1's; under load the queue fills a batch at once and nothing waits.
+GPU_BATCH_DELAY_MS = 5
+# TorchServe's own defaults where the archive's model-config.yaml sets no positive value.
+TORCHSERVE_BATCH_SIZE, TORCHSERVE_BATCH_DELAY_MS, TORCHSERVE_TIMEOUT_S = 1, 100, 120
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The serving machine's facts: GPUs TorchServe will use, and the cores (budget.cores)."""
+
+    gpus: int
+    cores: int
+    gpus_from: str = "detected"  # where the GPU count came from, for the plan lines
+
+    @classmethod
+    def detect(cls, env: dict, properties: dict) -> "Machine":
+        """This machine as TorchServe with these `properties` and environment `env` sees it."""
+        gpus, source = gpu_count(env, properties)
+        return cls(gpus=gpus, cores=cores(env), gpus_from=source)
+
+    def describe(self) -> str:
+        gpus = f"{self.gpus} GPU{'s' if self.gpus != 1 else ''} ({self.gpus_from})" if self.gpus else "no GPU"
+        return f"{gpus}, {self.cores} cores"
+
+
+def gpu_count(env: dict, properties: dict) -> tuple:
+    """(GPUs, where the count came from): TVSERVE_GPUS where set; else the GPUs visible (as
+    TorchServe counts them: CUDA_VISIBLE_DEVICES's entries, else nvidia-smi's list), capped by
+    TorchServe's number_of_gpu property where set, as TorchServe's ConfigManager caps them."""
+    if env.get(GPUS_ENV):
+        return int(env[GPUS_ENV]), GPUS_ENV
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    count, source = (len(visible.split(",")), "CUDA_VISIBLE_DEVICES") if visible else (nvidia_smi_gpus(), "nvidia-smi")
+    if properties.get(NUMBER_OF_GPU):
+        return min(count, int(properties[NUMBER_OF_GPU])), f"{source}, {NUMBER_OF_GPU}={properties[NUMBER_OF_GPU]}"
+    return count, source
+
+
+def nvidia_smi_gpus() -> int:
+    """The GPUs `nvidia-smi -L` lists (0 without the tool or a driver)."""
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.startswith("GPU ") for line in listed.stdout.splitlines()) if listed.returncode == 0 else 0
+
+
+@dataclass(frozen=True)
+class Size:
+    """One planned size and the one-line reason for it."""
+
+    value: int
+    why: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One model version's planned sizes and the archive's own (`archived`, as TorchServe would use
+    its model-config.yaml: {"workers", "batch_size", "max_batch_delay", "response_timeout",
+    "startup_timeout"})."""
+
+    name: str
+    version: str
+    mar: Path
+    workers: Size
+    batch_size: Size
+    max_batch_delay: Size
+    archived: dict
+
+    def changes(self) -> bool:
+        """Whether this plan serves the model otherwise than its model-config.yaml would."""
+        return any(getattr(self, size).value != self.archived[size] for size in ("workers", "batch_size", "max_batch_delay"))
+
+    def line(self) -> str:
+        return (f"{self.name} {self.version}: {self.workers.value} worker(s) ({self.workers.why}), batch "
+                f"{self.batch_size.value} ({self.batch_size.why}), delay {self.max_batch_delay.value} ms "
+                f"({self.max_batch_delay.why})")
+
+    def snapshot_entry(self, default: bool) -> dict:
+        """This version as TorchServe's model_snapshot holds it (SnapshotManager.restore registers it
+        with these values; Model.setModelState reads them)."""
+        return {"defaultVersion": default, "marName": self.mar.name, "minWorkers": self.workers.value,
+                "maxWorkers": self.workers.value, "batchSize": self.batch_size.value,
+                "maxBatchDelay": self.max_batch_delay.value, "responseTimeout": self.archived["response_timeout"],
+                "startupTimeout": self.archived["startup_timeout"]}
+
+
+def archived_sizes(model_config: dict, default_workers: int) -> dict:
+    """The sizes TorchServe serves an archive with from its model-config.yaml alone (ModelServer,
+    ModelManager.createModel): its values where positive, else TorchServe's defaults."""
+    min_workers, max_workers = int(model_config.get("minWorkers") or 0), int(model_config.get("maxWorkers") or 0)
+    return {
+        "workers": min_workers if min_workers > 0 and max_workers >= min_workers else default_workers,
+        "batch_size": int(model_config.get("batchSize") or 0) or TORCHSERVE_BATCH_SIZE,
+        "max_batch_delay": int(model_config.get("maxBatchDelay") or 0) or TORCHSERVE_BATCH_DELAY_MS,
+        "response_timeout": int(model_config.get("responseTimeout") or 0) or TORCHSERVE_TIMEOUT_S,
+        "startup_timeout": int(model_config.get("startupTimeout") or 0) or TORCHSERVE_TIMEOUT_S,
+    }
+
+
+def kept(size: str, archived: dict, sizing: Sizing) -> Size:
+    """The archive's own value of a size the plan does not change, unless it was decided."""
+    if sizing is None:
+        return Size(archived[size], "archive records no sizing: kept")
+    return Size(archived[size], "given when archived")
+
+
+def plan_workers(archived: dict, sizing: Sizing, costs: dict, machine: Machine) -> Size:
+    if sizing is None or "workers" not in sizing.decided:
+        return kept("workers", archived, sizing)
+    if machine.gpus:
+        workers = max(1, min(WORKERS_PER_GPU * machine.gpus, machine.cores))
+        return Size(workers, f"{WORKERS_PER_GPU} per GPU x {machine.gpus}, at most one per core of {machine.cores}")
+    if machine.cores == sizing.cores:
+        return Size(archived["workers"], f"decided on {sizing.cores} cores, as here")
+    if costs.get("forward_ms") is None or costs.get("preprocess_ms") is None:
+        return Size(archived["workers"], f"decided on {sizing.cores} cores without recording its costs: kept")
+    workers = cpu_workers(machine.cores, costs["forward_ms"], costs["preprocess_ms"])
+    return Size(workers, f"CPU rule for {machine.cores} cores (archived on {sizing.cores}): forward "
+                         f"{costs['forward_ms']:g} ms vs preprocessing {costs['preprocess_ms']:g} ms on one thread")
+
+
+def plan_batch_size(archived: dict, sizing: Sizing, task: str, machine: Machine) -> Size:
+    if sizing is None or "batch_size" not in sizing.decided:
+        return kept("batch_size", archived, sizing)
+    if machine.gpus:
+        return Size(GPU_BATCH.get(task, GPU_BATCH_OTHERS), f"fills a GPU for {task.replace('_', ' ')}")
+    return Size(archived["batch_size"], "decided on the archive's CPU: kept on a CPU")
+
+
+def plan_batch_delay(archived: dict, sizing: Sizing, machine: Machine) -> Size:
+    if sizing is None or "max_batch_delay" not in sizing.decided:
+        return kept("max_batch_delay", archived, sizing)
+    if machine.gpus:
+        return Size(GPU_BATCH_DELAY_MS, "the most a lone request waits for batch-mates")
+    return Size(archived["max_batch_delay"], "archive default: kept on a CPU")
+
+
+def plan_sizes(archived: dict, sizing: Sizing, task: str, costs: dict, machine: Machine) -> dict:
+    """{"workers", "batch_size", "max_batch_delay": Size} for one model on `machine`, from the
+    archive's own sizes (`archived_sizes`), its record's `sizing` (None for older archives), its
+    `task` and the costs its workers were decided on ({"forward_ms", "preprocess_ms"}, or {})."""
+    return {"workers": plan_workers(archived, sizing, costs, machine),
+            "batch_size": plan_batch_size(archived, sizing, task, machine),
+            "max_batch_delay": plan_batch_delay(archived, sizing, machine)}
+
+
+def plan_archive(name: str, mar: Path, machine: Machine, default_workers: int) -> Plan:
+    """The Plan for archive `mar`, registered as `name` (an archive without a readable tvserve
+    record keeps its model-config.yaml's sizes)."""
+    archived = archived_sizes(read_model_config(mar), default_workers)
+    try:
+        record = read_record(mar)
+    except TvserveError:
+        record = None
+    selection = record.backend.selection if record and record.backend else {}
+    sizes = plan_sizes(archived, record and record.sizing, record.task if record else "classification",
+                       selection.get("workers") or {}, machine)
+    return Plan(name=name, version=registered_version(mar), mar=Path(mar), archived=archived, **sizes)
+
+
+def model_snapshot(plans: list, created_ms: int) -> dict:
+    """TorchServe's model_snapshot (SnapshotManager.restore) registering every plan's model version
+    with its planned sizes; each model's first plan is its default version, as TorchServe makes
+    the first version it registers (ModelVersionedRefs.addVersionModel)."""
+    models = {}
+    for plan in plans:
+        versions = models.setdefault(plan.name, {})
+        versions[plan.version] = plan.snapshot_entry(default=not versions)
+    return {"name": "tvserve-sizing.cfg", "modelCount": len(plans), "created": created_ms, "models": models}
