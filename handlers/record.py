@@ -128,8 +128,20 @@ class Weights(FileEntry):
         return cls(**{f.name: data.get(f.name) for f in fields(cls) if f.name in data})
 
 
+class Measurement:
+    """A measured record's JSON: the fields left None are not written, and keys it does not know are
+    not read."""
+
+    def to_dict(self) -> dict:
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        return cls(**{f.name: data.get(f.name) for f in fields(cls) if f.name in data})
+
+
 @dataclass
-class Quantization:
+class Quantization(Measurement):
     """What a reduced precision cost, measured at archive time (tvserve/build/calibration.py) on
     the held-out part of the user's calibration images, preprocessed as the worker does: top-1
     agreement with the fp32 model (fraction), the largest change of any softmax probability, and,
@@ -145,16 +157,9 @@ class Quantization:
     accuracy_fp32: float = None  # None: the images' labels were not known
     accuracy_int8: float = None
 
-    def to_dict(self) -> dict:
-        return {key: value for key, value in asdict(self).items() if value is not None}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Quantization":
-        return cls(**{f.name: data.get(f.name) for f in fields(cls) if f.name in data})
-
 
 @dataclass
-class PrecisionEffect:
+class PrecisionEffect(Measurement):
     """What running in `precision` (tf32, bf16, fp16; handlers/precision.py) changed against the
     fp32 eager model, measured at archive time (tvserve/build/calibration.py) on `images` (what they
     were: the user's --calibration folder, or images made at archive time) on the device named by
@@ -171,13 +176,6 @@ class PrecisionEffect:
     measured_on: str  # e.g. "cpu (Intel Xeon ...)": a CPU's bf16 and fp16 kernels differ from a GPU's
     accuracy_fp32: float = None  # None: the images' labels were not known
     accuracy_reduced: float = None
-
-    def to_dict(self) -> dict:
-        return {key: value for key, value in asdict(self).items() if value is not None}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "PrecisionEffect":
-        return cls(**{f.name: data.get(f.name) for f in fields(cls) if f.name in data})
 
 
 @dataclass

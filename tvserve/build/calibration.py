@@ -201,24 +201,29 @@ def measure_effect(fp32_runner, reduced_runner, task, measured: MeasurementSet, 
     )
 
 
+def comparison(precision: str, agreement: float, count: int, images: str, change: float, accuracy_fp32: float,
+               accuracy_reduced: float) -> str:
+    """What both summaries say: top-1 agreement over `count` `images`, the largest probability change,
+    and the accuracies where known."""
+    line = (f"top-1 agreement with fp32 {100 * agreement:.1f}% ({round(agreement * count)}/{count} {images}), "
+            f"largest probability change {change:.3g}")
+    if accuracy_fp32 is not None:
+        line += f", accuracy fp32 {100 * accuracy_fp32:.1f}% / {precision} {100 * accuracy_reduced:.1f}%"
+    return line
+
+
 def summary(cost: Quantization, precision: str = "int8") -> str:
     """One line: the measured cost of `precision` against fp32."""
-    agreeing = round(cost.top1_agreement * cost.held_out_images)
-    line = (f"top-1 agreement with fp32 {100 * cost.top1_agreement:.1f}% ({agreeing}/"
-            f"{cost.held_out_images} held-out images), largest probability change {cost.max_probability_change:.3f}")
-    if cost.accuracy_fp32 is not None:
-        line += f", accuracy fp32 {100 * cost.accuracy_fp32:.1f}% / {precision} {100 * cost.accuracy_int8:.1f}%"
-    return line + f" (calibrated on {cost.calibration_images} images)"
+    return (comparison(precision, cost.top1_agreement, cost.held_out_images, "held-out images",
+                       cost.max_probability_change, cost.accuracy_fp32, cost.accuracy_int8)
+            + f" (calibrated on {cost.calibration_images} images)")
 
 
 def effect_summary(effect: PrecisionEffect) -> str:
     """One line: what running in effect.precision changed against fp32, and where it was measured."""
-    agreeing = round(effect.top1_agreement * effect.measured_images)
-    line = (f"top-1 agreement with fp32 {100 * effect.top1_agreement:.1f}% ({agreeing}/{effect.measured_images} "
-            f"images), largest probability change {effect.max_probability_change:.2g}")
-    if effect.accuracy_fp32 is not None:
-        line += f", accuracy fp32 {100 * effect.accuracy_fp32:.1f}% / {effect.precision} {100 * effect.accuracy_reduced:.1f}%"
-    return line + f" (measured on {effect.measured_on}: {effect.method})"
+    return (comparison(effect.precision, effect.top1_agreement, effect.measured_images, "images",
+                       effect.max_probability_change, effect.accuracy_fp32, effect.accuracy_reduced)
+            + f" (measured on {effect.measured_on}: {effect.method})")
 
 
 def warn_effect(effect: PrecisionEffect) -> None:
