@@ -7,7 +7,8 @@ its weights and its runtime. The archiver writes it (tvserve/build/) and the wor
      "preset": {"resize": 256, "crop": 224, "interpolation": "bilinear", "mean": [...], "std": [...]},
      "labels": [...], "weights": {"file": "weights.pt", "sha256": "...", "origin": "file", ...},
      "backend": {"name": "onnxruntime", "file": "model.onnx", "sha256": "...", "selection": {...}},
-       (an int8 archive's backend adds "precision": "int8" and "quantization": {...}, its measured cost)
+       (an int8 archive's backend adds "precision": "int8" and "quantization": {...}, its measured cost;
+        a tf32, bf16 or fp16 one its "precision" and "effect": {...}, measured against fp32)
      "sizing": {"decided": ["batch_size", "max_batch_delay"], "cores": 2},
      "versions": {...}, "created": "...", "extra": {...}}
 
@@ -128,8 +129,20 @@ class Weights(FileEntry):
         return cls(**{f.name: data.get(f.name) for f in fields(cls) if f.name in data})
 
 
+class Measurement:
+    """A measured record's JSON: the fields left None are not written, and keys it does not know are
+    not read."""
+
+    def to_dict(self) -> dict:
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict):
+        return cls(**{f.name: data.get(f.name) for f in fields(cls) if f.name in data})
+
+
 @dataclass
-class Quantization:
+class Quantization(Measurement):
     """What a reduced precision cost, measured at archive time (tvserve/build/calibration.py) on
     the held-out part of the user's calibration images, preprocessed as the worker does: top-1
     agreement with the fp32 model (fraction), the largest change of any softmax probability, and,
@@ -145,36 +158,53 @@ class Quantization:
     accuracy_fp32: float = None  # None: the images' labels were not known
     accuracy_int8: float = None
 
-    def to_dict(self) -> dict:
-        return {key: value for key, value in asdict(self).items() if value is not None}
 
-    @classmethod
-    def from_dict(cls, data: dict) -> "Quantization":
-        return cls(**{f.name: data.get(f.name) for f in fields(cls) if f.name in data})
+@dataclass
+class PrecisionEffect(Measurement):
+    """What running in `precision` (tf32, bf16, fp16; handlers/precision.py) changed against the
+    fp32 eager model, measured at archive time (tvserve/build/calibration.py) on `images` (what they
+    were: the user's --calibration folder, or images made at archive time) on the device named by
+    `measured_on`: top-1 agreement (fraction), the largest change of any softmax probability, and,
+    where the images' labels are known, the top-1 accuracy (fraction) of both."""
+
+    precision: str
+    method: str  # the runtime, and what the precision did on the measuring device (precision.describe)
+    images: str
+    measured_images: int
+    top1_agreement: float
+    max_probability_change: float
+    min_agreement: float  # below it the archive was written with a warning
+    measured_on: str  # e.g. "cpu (Intel Xeon ...)": a CPU's bf16 and fp16 kernels differ from a GPU's
+    accuracy_fp32: float = None  # None: the images' labels were not known
+    accuracy_reduced: float = None
 
 
 @dataclass
 class Backend(FileEntry):
     """The runtime the worker runs the model with (handlers/runtimes.py), its exported file (none
     for eager), the measurements it was chosen on (tvserve/build/tuning.py) and its precision: fp32
-    (records before int8 existed read as fp32), or int8 with its measured `quantization` cost."""
+    (records before int8 existed read as fp32), int8 with its measured `quantization` cost, or
+    tf32, bf16, fp16 with their measured `effect`."""
 
     name: str = "eager"
     selection: dict = field(default_factory=dict)
     precision: str = "fp32"
     quantization: Quantization = None
+    effect: PrecisionEffect = None
 
     def to_dict(self) -> dict:
         out = {"name": self.name, "file": self.file, "sha256": self.sha256, "precision": self.precision,
-               "quantization": self.quantization and self.quantization.to_dict(), "selection": self.selection}
+               "quantization": self.quantization and self.quantization.to_dict(),
+               "effect": self.effect and self.effect.to_dict(), "selection": self.selection}
         return {key: value for key, value in out.items() if value is not None}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Backend":
-        quantization = data.get("quantization")
+        quantization, effect = data.get("quantization"), data.get("effect")
         return cls(name=data["name"], file=data.get("file"), sha256=data.get("sha256"),
                    selection=dict(data.get("selection") or {}), precision=data.get("precision", "fp32"),
-                   quantization=Quantization.from_dict(quantization) if quantization else None)
+                   quantization=Quantization.from_dict(quantization) if quantization else None,
+                   effect=PrecisionEffect.from_dict(effect) if effect else None)
 
 
 SIZES = ("workers", "batch_size", "max_batch_delay")  # model-config.yaml's serving sizes, as ArchiveOptions names them

@@ -7,8 +7,10 @@ Every runner maps a float32 Tensor[N, 3, H, W] to the model's raw output Tensor[
 (eager also a list of Tensor[3, H, W] of different sizes, for detection models, to their list of
 dicts), with `threads` intra-op threads and one inter-op thread. An fp32 runtime's answers stay
 within the task's parity tolerance of eager; an int8 one's are not exact, and its cost is measured
-on the user's own images instead (tvserve/build/calibration.py). On a CUDA device the worker runs
-eager PyTorch, whatever the archive's CPU runtime. Adding a runtime is one `Runtime(...)` in RUNTIMES.
+on the user's own images instead (tvserve/build/calibration.py). Exported files run on the CPU only:
+on a CUDA device, and in the precisions applied to eager PyTorch (tf32, bf16, fp16:
+handlers/precision.py), the worker runs eager from the weights, in channels_last where the archive
+chose it (runtime_for). Adding a runtime is one `Runtime(...)` in RUNTIMES.
 """
 
 import tempfile
@@ -19,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from handlers.precision import get_precision
 
 class Eager:
     """The model itself; `channels_last` stores weights and inputs NHWC (faster for some CPUs/GPUs)."""
@@ -159,7 +162,6 @@ RUNTIMES = {runtime.name: runtime for runtime in (
     Runtime("onnxruntime_int8", lambda path, threads, **_: OnnxRuntime(path, threads), "model.int8.onnx",
             export_onnx_int8, precision="int8"),
 )}
-PRECISIONS = ("fp32", "int8")
 
 
 def get_runtime(name: str) -> Runtime:
@@ -193,17 +195,26 @@ def set_threads(threads: int) -> None:
 
 def load_runner(name: str, *, model=None, path=None, threads: int = 1, device: str = "cpu"):
     """The runner for runtime `name`: eager ones need `model`, the others their exported file `path`.
-    Off the CPU, every runtime runs as eager (the model must be given)."""
-    runtime = get_runtime(name)
+    Off the CPU, an exported runtime runs as eager (runtime_for; the model must be given)."""
     device = torch.device(device)
-    if device.type != "cpu" and runtime.file:
-        runtime = RUNTIMES["eager"]
-    return runtime.load(model=model, path=path, threads=threads, device=device)
-
-
-def backends_of(precision: str) -> tuple:
-    """The runtimes that run in `precision` (fp32 or int8), in registry order."""
-    return tuple(name for name, runtime in RUNTIMES.items() if runtime.precision == precision)
+    return get_runtime(runtime_for(name, device)).load(model=model, path=path, threads=threads, device=device)
 
 
 EAGER = tuple(name for name, runtime in RUNTIMES.items() if runtime.file is None)  # built from the weights
+
+
+def backends_of(precision: str) -> tuple:
+    """The runtimes that run in `precision`, in registry order: those of their own precision (fp32,
+    int8), else the eager ones, which tf32, bf16 and fp16 are applied to (handlers/precision.py)."""
+    get_precision(precision)
+    return tuple(name for name, runtime in RUNTIMES.items() if runtime.precision == precision) or EAGER
+
+
+def runtime_for(name: str, device="cpu", precision: str = None) -> str:
+    """The runtime a worker on `device` runs an archive whose backend is `name` with, in `precision`
+    (None: the backend's own): the backend itself where it can (an exported file runs on the CPU
+    only, in its own precision), else eager from the weights; channels_last stays where chosen."""
+    precision = precision or get_runtime(name).precision  # (an unknown name is refused here)
+    if name in EAGER or (torch.device(device).type == "cpu" and name in backends_of(precision)):
+        return name
+    return "eager"

@@ -3,7 +3,8 @@
 Lifecycle, in the TorchServe worker:
 - `initialize(context)` once: reads the archive's record (tvserve.json, handlers/record.py), sets
   its thread budget, checks the sha256 of the weights (or of the exported model), loads the
-  recorded runtime (handlers/runtimes.py; eager on a GPU), and builds the task
+  recorded runtime (handlers/runtimes.py; eager on a GPU) in the archive's precision or the
+  server's TVSERVE_PRECISION override (handlers/precision.py), and builds the task
   (handlers/tasks/), the preprocessing (handlers/devices.py) and its metrics (handlers/telemetry.py).
 - `handle(data, context)` per batch: each request's protocol (handlers/protocols/: `/predictions`
   JSON, or OIP v2 / KServe v1 as tvserve's frontend plugin marks them) decodes it into images and
@@ -32,23 +33,28 @@ from handlers.devices import PREPROCESSORS, model_device
 from handlers.errors import RequestError
 from handlers.explanations import Explainer
 from handlers.models import load_model
+from handlers.precision import ENV as PRECISION_ENV, apply_precision, describe as describe_precision, serving_precision
 from handlers.protocols import DEFAULT_PROTOCOL, PROTOCOLS, protocol_for
 from handlers.protocols.common import header
 from handlers.record import Backend, Record
-from handlers.runtimes import get_runtime, load_runner, set_threads
+from handlers.runtimes import get_runtime, load_runner, runtime_for, set_threads
 from handlers.tasks import get_task
 from handlers.telemetry import ARRIVAL_HEADER, Telemetry
 
 log = logging.getLogger(__name__)
 
 
-def load_backend(model_dir: Path, record: Record, threads: int, device: str):
-    """(runtime name, runner) of the archive's recorded backend (eager for records without one)."""
+def load_backend(model_dir: Path, record: Record, threads: int, device: str, precision: str):
+    """(runtime name, runner) of the archive's recorded backend (eager for records without one), or
+    of the eager runtime that stands in for it on `device` in `precision` (runtimes.runtime_for),
+    set up to run in `precision` (handlers/precision.py)."""
     backend = record.backend or Backend()
-    name = backend.name if device == "cpu" else "eager"
+    name = runtime_for(backend.name, device, precision)
     if get_runtime(name).file is None:
-        return name, load_runner(name, model=load_model(model_dir, record), device=device)
-    return name, load_runner(name, path=backend.verified(model_dir), threads=threads)
+        runner = load_runner(name, model=load_model(model_dir, record), device=device)
+    else:
+        runner = load_runner(name, path=backend.verified(model_dir), threads=threads)
+    return name, apply_precision(runner, precision, device)
 
 
 @contextlib.contextmanager
@@ -78,7 +84,8 @@ class TvserveHandler:
         threads = thread_budget(getattr(context, "model_yaml_config", None))
         device = model_device(context.system_properties.get("gpu_id"))
         set_threads(threads)
-        self.backend, self.runner = load_backend(model_dir, self.record, threads, device)
+        self.precision = serving_precision((self.record.backend or Backend()).precision, os.environ.get(PRECISION_ENV))
+        self.backend, self.runner = load_backend(model_dir, self.record, threads, device, self.precision)
         self.task = get_task(self.record.task, self.record.labels, self.record.keypoint_names)
         self.protocol = PROTOCOLS[DEFAULT_PROTOCOL]
         self.preprocessor = PREPROCESSORS["pil"](self.record.preset)
@@ -86,8 +93,9 @@ class TvserveHandler:
         self.telemetry = Telemetry(context)
         self.telemetry.worker_started()
         self.initialized = True
-        log.info("tvserve: loaded %s (%s), %d labels, backend %s on %s, %d threads", self.record.name,
-                 self.record.source, len(self.record.labels), self.backend, device, threads)
+        log.info("tvserve: loaded %s (%s), %d labels, backend %s on %s, %d threads, precision %s", self.record.name,
+                 self.record.source, len(self.record.labels), self.backend, device, threads,
+                 describe_precision(self.precision, device))
 
     def decode(self, protocol, request: dict, headers: dict) -> tuple:
         """One request -> (Decoded, [Tensor[3, H, W] float32 per image], options: the task's, and

@@ -52,12 +52,15 @@ def add_archive_options(parser):
                        "tolerance of eager, 1e-4 for probabilities)")
     group.add_argument("--jpeg-draft", action="store_true",
                        help="lossy: decode big JPEGs at a reduced DCT scale (at least twice the resize size)")
-    group.add_argument("--precision", choices=["fp32", "int8"], help="default fp32; int8: post-training static "
-                       "quantization (ONNX Runtime), calibrated on --calibration, its accuracy cost measured and recorded")
+    group.add_argument("--precision", help="fp32 (default: IEEE fp32, TF32 off on a GPU), tf32, bf16, fp16 (eager "
+                       "PyTorch: TF32 allowed on a GPU, autocast), or int8 (post-training static quantization, ONNX "
+                       "Runtime, calibrated on --calibration); for all but fp32 the change against fp32 is measured "
+                       "and recorded (README: Precision)")
     group.add_argument("--calibration", type=Path, help="int8: a folder of your images (a few hundred is typical; "
-                       "class sub-folders named after the labels add accuracies): half calibrates, half measures")
-    group.add_argument("--min-agreement", type=float, help="int8 is refused below this top-1 agreement with fp32 on "
-                       "the held-out calibration images (default 0.99)")
+                       "class sub-folders named after the labels add accuracies): half calibrates, half measures; "
+                       "tf32/bf16/fp16: measured on all of them (default: 16 images made here)")
+    group.add_argument("--min-agreement", type=float, help="int8 is refused, tf32/bf16/fp16 warned of, below this "
+                       "top-1 agreement with fp32 on the measured images (default 0.99)")
 
 
 ARCHIVE_FLAGS = ("model_name", "version", "export_path", "force", "workers", "batch_size", "max_batch_delay",
@@ -206,7 +209,8 @@ def cmd_serve(args):
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     config = args.config or (PRODUCTION_CONFIG if args.production else DEVELOPMENT_CONFIG)
-    server = Server(model_store=args.model_store, config=config, workdir=args.workdir, models=args.models)
+    server = Server(model_store=args.model_store, config=config, workdir=args.workdir, models=args.models,
+                    env=precision_env(args.precision))
     models = server.expected_models()
     if not models:
         raise TvserveError(f"No archives in {server.model_store}. Run `tvserve prepare` or `tvserve archive ...`.")
@@ -238,6 +242,21 @@ def cmd_serve(args):
             server.stop()
         if probe is not None:
             probe.close()
+
+
+def precision_env(precision: str) -> dict:
+    """The workers' environment for `tvserve serve --precision P` ({} without it); refuses an
+    unknown precision, or int8 (it needs an archive's exported file), before anything starts."""
+    if not precision:
+        return {}
+    from handlers.precision import ENV, OVERRIDES, get_precision
+
+    try:
+        get_precision(precision, OVERRIDES)
+    except ValueError as err:
+        raise TvserveError(f"--precision {precision}: {err} (int8 is chosen when archiving: "
+                           "`tvserve archive ... --precision int8`).") from None
+    return {ENV: precision}
 
 
 def start_probe(server):
@@ -334,14 +353,23 @@ def cmd_describe(args):
     if target.suffix == ".mar" or target.exists():
         record = read_record(target)
         print(record.to_json())
-        if record.backend and record.backend.quantization:  # the measured cost, readable, beside the JSON
-            from tvserve.build.calibration import summary
-
-            precision = record.backend.precision
-            print(f"{target.name}: {precision}: {summary(record.backend.quantization, precision)}", file=sys.stderr)
+        line = precision_line(record.backend)
+        if line:  # the measured cost, readable, beside the JSON
+            print(f"{target.name}: {line}", file=sys.stderr)
         return
     print(json.dumps(client.describe_model(args.target, management_url=args.management_url,
                                            token=keys(args).get("management")), indent=2))
+
+
+def precision_line(backend) -> str:
+    """"PRECISION: its measured effect against fp32", or None for fp32 (and records without a backend)."""
+    from tvserve.build.calibration import effect_summary, summary
+
+    if backend and backend.quantization:
+        return f"{backend.precision}: {summary(backend.quantization, backend.precision)}"
+    if backend and backend.effect:
+        return f"{backend.precision}: {effect_summary(backend.effect)}"
+    return None
 
 
 def shared_flags() -> tuple:
@@ -467,6 +495,8 @@ def get_parser(with_training: bool = True):
     serve.add_argument("--models", default="all", help="all, or NAME.mar[,NAME.mar...]")
     serve.add_argument("--timeout", type=float, help="s to wait for READY (default: archives' startupTimeout)")
     serve.add_argument("--detach", action="store_true", help="return once ready, leaving the server running")
+    serve.add_argument("--precision", help="run every model in fp32, tf32, bf16 or fp16 instead of its archive's "
+                       "precision (sets TVSERVE_PRECISION for the workers; README: Precision)")
     serve.set_defaults(func=cmd_serve)
 
     export = commands.add_parser("export", help="write a model store in another serving system's layout")

@@ -1,10 +1,14 @@
-"""Calibration images for an int8 archive, and the accuracy cost measured on them.
+"""Calibration images for an int8 archive, and the accuracy cost measured on them; the same
+measurement for tf32, bf16 and fp16 (their effect).
 
 The user's folder (a few hundred images is typical) is split in two, per label where its
 sub-folders name the model's labels: the activation ranges are taken from one part, and the int8
 model is compared with the fp32 one on the held-out rest, every image preprocessed exactly as the
 worker does (handlers/devices.PilPreprocessing). The archive is refused, with the numbers, when
 the top-1 agreement is below the user's threshold (--min-agreement).
+tf32, bf16 and fp16 calibrate nothing: they are compared with fp32 on every image of the folder,
+or, without one, on SYNTHETIC_IMAGES photo-like JPEGs made at archive time; below --min-agreement
+the archive is written with a warning.
 """
 
 import logging
@@ -16,8 +20,9 @@ import torch
 
 from handlers.devices import PilPreprocessing
 from handlers.errors import RequestError
-from handlers.record import Preset, Quantization
+from handlers.record import PrecisionEffect, Preset, Quantization
 from tvserve import TvserveError
+from tvserve.build.tuning import sample_jpeg
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +31,7 @@ HELD_OUT_FRACTION = 0.5  # half calibrates, half measures: a few hundred images 
 SPLIT_SEED = 0  # the split repeats exactly for the same folder
 BATCH = 16  # images per calibration and measurement forward
 DEFAULT_MIN_AGREEMENT = 0.99
+SYNTHETIC_IMAGES = 16  # tf32/bf16/fp16 without --calibration: enough for a probability change, not an accuracy
 
 
 @dataclass
@@ -81,24 +87,33 @@ def preprocess(paths: list, preset: Preset) -> torch.Tensor:
     return torch.stack(tensors)
 
 
-def split_files(folder, labels: list) -> tuple:
-    """(calibrate files, held-out files, held-out label indices or None) of a calibration folder.
-    Its images are labelled when every one sits in a sub-folder named after one of the model's
-    labels (an image folder of class sub-folders); the split is then made per label."""
+def labelled_files(folder, labels: list, at_least: int = 2) -> tuple:
+    """(image files, their label indices or None) of a calibration folder. Its images are labelled
+    when every one sits in a sub-folder named after one of the model's labels (an image folder of
+    class sub-folders). Raises TvserveError for a missing folder or fewer than `at_least` images."""
     folder = Path(folder)
     if not folder.is_dir():
         raise TvserveError(f"--calibration {folder} is not a folder: give a folder of images (a few hundred "
                            "is typical; class sub-folders named after the labels add accuracies).")
     files = image_files(folder)
-    if len(files) < 2:
-        raise TvserveError(f"--calibration {folder} holds {len(files)} image(s): int8 needs at least 2 (a few hundred "
-                           "is typical), half to calibrate and half to measure the accuracy cost on.")
+    if len(files) < at_least:
+        raise TvserveError(f"--calibration {folder} holds {len(files)} image(s): at least {at_least} are needed (a "
+                           "few hundred is typical; int8 calibrates on half and measures its cost on the rest).")
     found = [label_of(path, folder, labels) for path in files]
     labelled = all(index is not None for index in found)
     if not labelled and any(index is not None for index in found):
         others = sorted({path.relative_to(folder).parts[0] for path, index in zip(files, found) if index is None})
         log.warning("calibration: %s are not sub-folders named after labels: accuracies are not measured",
                     ", ".join(others[:5]))
+    return files, found if labelled else None
+
+
+def split_files(folder, labels: list) -> tuple:
+    """(calibrate files, held-out files, held-out label indices or None) of a calibration folder
+    (labelled_files); a labelled folder is split per label."""
+    folder = Path(folder)
+    files, found = labelled_files(folder, labels)
+    labelled = found is not None
     calibrate, held_out = split(files, found if labelled else [None] * len(files))
     if not held_out:
         raise TvserveError(f"--calibration {folder}: no image is left to measure on; add images.")
@@ -116,36 +131,108 @@ def read_calibration(folder, preset: Preset, labels: list) -> CalibrationSet:
                           held_out_labels=None if held_out_labels is None else torch.tensor(held_out_labels))
 
 
+@dataclass
+class MeasurementSet:
+    """Images to measure a precision's effect on: Tensor[N, 3, crop, crop] float32 as the worker
+    preprocesses, their label indices Tensor[N] or None, and what they were (for the record)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    what: str
+
+
+def read_measurement_set(folder, preset: Preset, labels: list) -> MeasurementSet:
+    """Every image of a --calibration folder (labelled_files), preprocessed as the worker does."""
+    files, found = labelled_files(folder, labels, at_least=1)
+    return MeasurementSet(images=preprocess(files, preset), labels=None if found is None else torch.tensor(found),
+                          what=f"{len(files)} images of --calibration {Path(folder).resolve()}"
+                               f"{' (labelled by sub-folder)' if found is not None else ''}")
+
+
+def synthetic_measurement_set(preset: Preset, count: int = SYNTHETIC_IMAGES) -> MeasurementSet:
+    """`count` photo-like JPEGs made at archive time (tuning.sample_jpeg, seeds 0 to count-1),
+    preprocessed as the worker does; no labels."""
+    transform = PilPreprocessing(preset)
+    images = torch.stack([transform(sample_jpeg(seed=seed)) for seed in range(count)])
+    return MeasurementSet(images=images, labels=None,
+                          what=f"{count} synthetic 866x577 JPEGs made at archive time (tvserve.build.tuning."
+                               f"sample_jpeg, seeds 0-{count - 1}: gradients and grain, no labels)")
+
+
 def scores(runner, task, images: torch.Tensor) -> torch.Tensor:
     """The task's scores (classification: probabilities) Tensor[N, n_labels] for Tensor[N, 3, H, W]."""
     with torch.inference_mode():
         return torch.cat([task.scores(runner(batch)) for batch in images.split(BATCH)])
 
 
+def compare(reference_runner, reduced_runner, task, images: torch.Tensor, labels: torch.Tensor = None) -> dict:
+    """How `reduced_runner` answers against `reference_runner` on `images`: {"top1_agreement",
+    "max_probability_change", "accuracy_reference", "accuracy_reduced"} (fractions; accuracies None
+    without `labels`)."""
+    reference, reduced = (scores(runner, task, images) for runner in (reference_runner, reduced_runner))
+    top1 = reference.argmax(1), reduced.argmax(1)
+    accuracy = (lambda predicted: round((predicted == labels).float().mean().item(), 6)) if labels is not None else None
+    return {"top1_agreement": round((top1[0] == top1[1]).float().mean().item(), 6),
+            "max_probability_change": round((reference - reduced).abs().max().item(), 6),
+            "accuracy_reference": accuracy and accuracy(top1[0]), "accuracy_reduced": accuracy and accuracy(top1[1])}
+
+
 def measure(fp32_runner, int8_runner, task, calibration: CalibrationSet, *, method: str,
             min_agreement: float) -> Quantization:
     """The int8 runner's cost against the fp32 one on the held-out images."""
-    reference, reduced = (scores(runner, task, calibration.held_out) for runner in (fp32_runner, int8_runner))
-    top1 = reference.argmax(1), reduced.argmax(1)
-    labels = calibration.held_out_labels
-    accuracy = (lambda predicted: round((predicted == labels).float().mean().item(), 6)) if labels is not None else None
+    found = compare(fp32_runner, int8_runner, task, calibration.held_out, calibration.held_out_labels)
     return Quantization(
         method=method, calibration_dir=str(calibration.folder.resolve()),
         calibration_images=len(calibration.calibrate), held_out_images=len(calibration.held_out),
-        top1_agreement=round((top1[0] == top1[1]).float().mean().item(), 6),
-        max_probability_change=round((reference - reduced).abs().max().item(), 6), min_agreement=min_agreement,
-        accuracy_fp32=accuracy and accuracy(top1[0]), accuracy_int8=accuracy and accuracy(top1[1]),
+        top1_agreement=found["top1_agreement"], max_probability_change=found["max_probability_change"],
+        min_agreement=min_agreement, accuracy_fp32=found["accuracy_reference"], accuracy_int8=found["accuracy_reduced"],
     )
+
+
+def measure_effect(fp32_runner, reduced_runner, task, measured: MeasurementSet, *, precision: str, method: str,
+                   measured_on: str, min_agreement: float) -> PrecisionEffect:
+    """`reduced_runner`'s effect (precision tf32, bf16 or fp16) against the fp32 one on `measured`."""
+    found = compare(fp32_runner, reduced_runner, task, measured.images, measured.labels)
+    return PrecisionEffect(
+        precision=precision, method=method, images=measured.what, measured_images=len(measured.images),
+        top1_agreement=found["top1_agreement"], max_probability_change=found["max_probability_change"],
+        min_agreement=min_agreement, measured_on=measured_on, accuracy_fp32=found["accuracy_reference"],
+        accuracy_reduced=found["accuracy_reduced"],
+    )
+
+
+def comparison(precision: str, agreement: float, count: int, images: str, change: float, accuracy_fp32: float,
+               accuracy_reduced: float) -> str:
+    """What both summaries say: top-1 agreement over `count` `images`, the largest probability change,
+    and the accuracies where known."""
+    line = (f"top-1 agreement with fp32 {100 * agreement:.1f}% ({round(agreement * count)}/{count} {images}), "
+            f"largest probability change {change:.3g}")
+    if accuracy_fp32 is not None:
+        line += f", accuracy fp32 {100 * accuracy_fp32:.1f}% / {precision} {100 * accuracy_reduced:.1f}%"
+    return line
 
 
 def summary(cost: Quantization, precision: str = "int8") -> str:
     """One line: the measured cost of `precision` against fp32."""
-    agreeing = round(cost.top1_agreement * cost.held_out_images)
-    line = (f"top-1 agreement with fp32 {100 * cost.top1_agreement:.1f}% ({agreeing}/"
-            f"{cost.held_out_images} held-out images), largest probability change {cost.max_probability_change:.3f}")
-    if cost.accuracy_fp32 is not None:
-        line += f", accuracy fp32 {100 * cost.accuracy_fp32:.1f}% / {precision} {100 * cost.accuracy_int8:.1f}%"
-    return line + f" (calibrated on {cost.calibration_images} images)"
+    return (comparison(precision, cost.top1_agreement, cost.held_out_images, "held-out images",
+                       cost.max_probability_change, cost.accuracy_fp32, cost.accuracy_int8)
+            + f" (calibrated on {cost.calibration_images} images)")
+
+
+def effect_summary(effect: PrecisionEffect) -> str:
+    """One line: what running in effect.precision changed against fp32, and where it was measured."""
+    return (comparison(effect.precision, effect.top1_agreement, effect.measured_images, "images",
+                       effect.max_probability_change, effect.accuracy_fp32, effect.accuracy_reduced)
+            + f" (measured on {effect.measured_on}: {effect.method})")
+
+
+def warn_effect(effect: PrecisionEffect) -> None:
+    """Logs the effect; a warning, not a refusal, when the agreement is below the threshold."""
+    if effect.top1_agreement < effect.min_agreement:
+        log.warning("%s: %s; below --min-agreement %g: the archive is written, check its answers before serving it",
+                    effect.precision, effect_summary(effect), effect.min_agreement)
+    else:
+        log.info("%s: %s", effect.precision, effect_summary(effect))
 
 
 def check(cost: Quantization, precision: str = "int8") -> None:

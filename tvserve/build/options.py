@@ -4,8 +4,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from handlers.budget import cores_per_worker
+from handlers.precision import PRECISIONS
 from handlers.record import SIZES
-from handlers.runtimes import PRECISIONS, RUNTIMES, backends_of
+from handlers.runtimes import RUNTIMES, backends_of
 from tvserve import TvserveError
 
 DEFAULT_VERSION = "1.0"
@@ -28,9 +29,9 @@ class ArchiveOptions:
     threads: int = None  # torch threads per worker; None: cores / workers, decided in the worker
     backend: str = "auto"  # a runtime of handlers/runtimes.py; auto: the fastest that passes parity
     jpeg_draft: bool = False  # lossy: decode big JPEGs at a reduced DCT scale (handlers/images.py)
-    precision: str = "fp32"  # int8: post-training static quantization, its cost measured (calibration.py)
-    calibration: Path = None  # int8: a folder of the user's images, half to calibrate, half to measure on
-    min_agreement: float = 0.99  # int8 is refused below this top-1 agreement with fp32 on the held-out images
+    precision: str = "fp32"  # handlers/precision.py; int8, tf32, bf16, fp16: their effect measured (calibration.py)
+    calibration: Path = None  # int8: half calibrates, half measures; tf32/bf16/fp16: measured on all of it
+    min_agreement: float = 0.99  # int8 is refused below this top-1 agreement with fp32, the others warned of
 
     def __post_init__(self):
         """Refuses inconsistent precision flags before any slow work, saying what to pass."""
@@ -40,9 +41,10 @@ class ArchiveOptions:
             raise TvserveError("--precision int8 needs --calibration DIR: a folder of your images (a few hundred is "
                                "typical), half to calibrate and half to measure the accuracy cost on.")
         if self.precision == "fp32" and self.calibration:
-            raise TvserveError("--calibration is for --precision int8; add it, or leave --calibration out.")
+            raise TvserveError("--calibration is for --precision int8, tf32, bf16 or fp16; add one, or leave "
+                               "--calibration out.")
         if self.backend not in (None, "auto") and self.backend in RUNTIMES \
-                and RUNTIMES[self.backend].precision != self.precision:
+                and self.backend not in backends_of(self.precision):
             raise TvserveError(f"--backend {self.backend} runs in {RUNTIMES[self.backend].precision}, not "
                                f"{self.precision}: choose auto or {', '.join(backends_of(self.precision))}.")
         if not 0 <= self.min_agreement <= 1:

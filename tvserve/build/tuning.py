@@ -14,6 +14,8 @@ which the exporters here are not made for: they run eager, timed the same way on
 With precision int8, the int8 runtimes are exported from calibration images and timed beside the
 fp32 ones (so the record shows what int8 gains here); they are held to no parity tolerance, their
 cost is measured on the held-out images instead (calibration.py), and the fastest int8 one is kept.
+tf32, bf16 and fp16 are applied to eager PyTorch (handlers/precision.py): only the eager runtimes
+are tried, timed in that precision, and the effect is measured afterwards (calibration.py).
 The same timings decide what an archive leaves to the machine: its workers (choose_workers) and
 its batch size (choose_batch_size).
 """
@@ -32,6 +34,7 @@ from PIL import Image
 
 from handlers.budget import cpu_workers
 from handlers.devices import PilPreprocessing
+from handlers.precision import apply_precision
 from handlers.record import Preset
 from handlers.runtimes import RUNTIMES, backends_of, export, load_runner, set_threads
 from tvserve import TvserveError
@@ -102,15 +105,15 @@ def try_candidate(name, task, model, eager, inputs, crop, threads, folder, calib
 
 
 def candidate_names(wanted: str, precision: str) -> tuple:
-    """The backends to try: every fp32 one for auto (and, for int8, every int8 one too, timed
-    beside them), else eager (the reference) and `wanted`. Raises TvserveError for a backend
-    unknown or of another precision."""
+    """The backends to try: every one of `precision` for auto (for int8, every fp32 one too, timed
+    beside them; tf32, bf16 and fp16: the eager ones), else eager (the reference) and `wanted`.
+    Raises TvserveError for a backend unknown or of another precision."""
     fp32, chosen = backends_of("fp32"), backends_of(precision)
     if wanted != "auto" and wanted not in chosen:
         others = f" (it runs in {RUNTIMES[wanted].precision})" if wanted in RUNTIMES else ""
         raise TvserveError(f"Unknown {precision} backend {wanted!r}{others}: choose auto, {', '.join(chosen)}.")
     if wanted == "auto":
-        return fp32 if precision == "fp32" else fp32 + chosen
+        return fp32 + chosen if precision == "int8" else chosen  # int8: shows what it gains over fp32
     return tuple(dict.fromkeys(("eager", wanted)))  # eager: the reference, always timed
 
 
@@ -129,7 +132,7 @@ def select_backend(model: torch.nn.Module, task, crop: int, threads: int, wanted
         inputs = [torch.randn(n, 3, crop, crop) for n in PARITY_BATCHES]
         eager = load_runner("eager", model=model.eval())
         tried = [try_candidate(name, task, model, eager, inputs, crop, threads, folder, calibration) for name in names]
-        runners = {report["name"]: runner for report, runner in tried if runner}
+        runners = {report["name"]: apply_precision(runner, precision, "cpu") for report, runner in tried if runner}
         batched = torch.randn(min(batch, TIMED_BATCH), 3, crop, crop)
         with torch.inference_mode():
             alone = median_ms(runners, inputs[0])
@@ -142,7 +145,7 @@ def select_backend(model: torch.nn.Module, task, crop: int, threads: int, wanted
         gap = "gap on random inputs" if "precision" in candidate else "parity"  # int8: measured on images instead
         log.info("backend %-19s %s", candidate["name"], f"{candidate['ms']:.2f} ms/image, {gap} {candidate['parity']:.1e}"
                  if "ms" in candidate else f"refused: {candidate['error']}")
-    eligible = [c for c in candidates if RUNTIMES[c["name"]].precision == precision and (wanted in ("auto", c["name"]))]
+    eligible = [c for c in candidates if c["name"] in backends_of(precision) and (wanted in ("auto", c["name"]))]
     passed = [c for c in eligible if "ms" in c]
     if not passed:
         refused = eligible[0] if wanted == "auto" else next(c for c in candidates if c["name"] == wanted)
@@ -203,11 +206,14 @@ def choose_batch_size(backend: dict) -> int:
     return BATCH_SIZE if alone and together and together <= BATCH_GAIN * alone else 1
 
 
-def sample_jpeg(width: int = 866, height: int = 577) -> bytes:
-    """A 0.5 MP photo-like JPEG (smooth gradients and grain) for timing preprocessing."""
-    rng = np.random.default_rng(0)
+def sample_jpeg(width: int = 866, height: int = 577, seed: int = 0) -> bytes:
+    """A 0.5 MP photo-like JPEG (smooth gradients and grain) for timing preprocessing; other seeds
+    give other grain, and their colour channels in another order (measuring a precision's effect)."""
+    rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     pixels = np.stack([x / width * 255, y / height * 255, (x + y) / (width + height) * 255], axis=-1)
+    if seed:
+        pixels = pixels[..., rng.permutation(3)]
     pixels += rng.normal(0, 12, pixels.shape)
     buffer = io.BytesIO()
     Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)

@@ -12,6 +12,7 @@ Files are stored uncompressed (weights do not compress), and the archive is writ
 temporary name and renamed, so an interrupted run never leaves a half-written `.mar`.
 """
 
+import copy
 import logging
 import platform
 import tempfile
@@ -31,14 +32,17 @@ from tqdm import tqdm
 
 import handlers
 from handlers.models import build_model
+from handlers.precision import apply_precision, describe as describe_precision
 from handlers.record import METADATA_FILE, Backend, Record, Sizing, sha256_of
 from handlers.runtimes import INT8_METHOD, load_runner
 from handlers.tasks import STACKED, get_task
 from tvserve import TvserveError, __version__
-from tvserve.build.calibration import check as check_cost, measure, read_calibration
+from tvserve.build.calibration import (check as check_cost, measure, measure_effect, read_calibration,
+                                       read_measurement_set, synthetic_measurement_set, warn_effect)
 from tvserve.build.mar import MODEL_CONFIG_FILE
 from tvserve.build.options import DEFAULT_VERSION, ArchiveOptions
-from tvserve.build.tuning import TIMED_BATCH, archive_cores, choose_batch_size, choose_workers, select_backend, select_eager
+from tvserve.build.tuning import (TIMED_BATCH, archive_cores, choose_batch_size, choose_workers, cpu_name,
+                                  select_backend, select_eager)
 from tvserve.build.weights import load_state_dict_file
 
 log = logging.getLogger(__name__)
@@ -93,14 +97,16 @@ def tune(record: Record, weights: Path, model_dir: Path, options: ArchiveOptions
     """(options with workers and batch size decided, backend dict) for this machine: builds the
     model with its real weights on the CPU, decides the workers, then picks the backend and the
     batch size from its timings (tuning.py). int8 is calibrated on the user's images and its cost
-    measured on the held-out ones (calibration.py); below --min-agreement it is refused."""
-    if options.backend == "eager" and options.workers and options.batch_size:  # (int8 is never eager)
+    measured on the held-out ones (calibration.py); below --min-agreement it is refused. tf32,
+    bf16 and fp16 have their effect measured (measured_effect); below --min-agreement, a warning."""
+    if options.precision == "fp32" and options.backend == "eager" and options.workers and options.batch_size:
         return options, {"name": "eager", "file": None, "selection": {"wanted": "eager"}}
     task = get_task(record.task, record.labels, record.keypoint_names)
     if options.precision != "fp32" and task.name not in STACKED:
         raise TvserveError(f"--precision {options.precision} is for classification models; {record.name} is a "
                            f"{task.name} model, served in fp32 (leave --precision out).")
-    calibration = options.calibration and read_calibration(options.calibration, record.preset, record.labels)
+    int8 = options.precision == "int8"
+    calibration = read_calibration(options.calibration, record.preset, record.labels) if int8 else None
     state_dict = load_state_dict_file(weights)
     model = build_model(model_dir, record.model, state_dict)
     model.load_state_dict(state_dict, strict=True)
@@ -124,10 +130,26 @@ def tune(record: Record, weights: Path, model_dir: Path, options: ArchiveOptions
                        min_agreement=options.min_agreement)
         check_cost(cost, options.precision)
         backend["quantization"] = cost.to_dict()
+    elif options.precision != "fp32":
+        backend["effect"] = measured_effect(model, backend["name"], task, record, options).to_dict()
     if not options.batch_size:
         options = replace(options, batch_size=choose_batch_size(backend))
     backend["selection"]["workers"] = workers_rule
     return options, backend
+
+
+def measured_effect(model, name: str, task, record: Record, options: ArchiveOptions):
+    """What running backend `name` in options.precision (tf32, bf16, fp16) changes against the fp32
+    eager `model`, on this machine's CPU, on the --calibration images or, without them, on images
+    made here (calibration.py), logged with a warning below --min-agreement."""
+    measured = (read_measurement_set(options.calibration, record.preset, record.labels) if options.calibration
+                else synthetic_measurement_set(record.preset))
+    reduced = apply_precision(load_runner(name, model=copy.deepcopy(model)), options.precision, "cpu")
+    effect = measure_effect(load_runner("eager", model=model), reduced, task, measured, precision=options.precision,
+                            method=f"{name}, {describe_precision(options.precision, 'cpu')}",
+                            measured_on=f"cpu ({cpu_name()})", min_agreement=options.min_agreement)
+    warn_effect(effect)
+    return effect
 
 
 def write_handlers(mar: zipfile.ZipFile) -> None:
