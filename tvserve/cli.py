@@ -151,18 +151,21 @@ def cmd_evaluate(args):
 
 
 def cmd_bench(args):
+    from tvserve.tools.batches import BatchRun
     from tvserve.tools.bench import SYSTEMS, BenchConfig, run, write
 
     config = BenchConfig(models=tuple(args.models.split(",")), images=tuple(args.images.split(",")),
                          concurrency=tuple(int(c) for c in args.concurrency.split(",")),
                          duration=args.duration, warmup=args.warmup, out=args.out, work=args.work,
-                         http=not args.no_http, systems=tuple(args.systems.split(",")), calibration=args.calibration)
+                         http=not args.no_http, systems=tuple(args.systems.split(",")), calibration=args.calibration,
+                         batches=batch_run(args))
     unknown = set(config.systems) - set(SYSTEMS)
     if unknown or "tvserve" not in config.systems:
         raise TvserveError(f"--systems takes tvserve (always) and any of {', '.join(SYSTEMS[1:])}; got {args.systems!r}.")
     if args.smoke:  # seconds: checks the harness, measures nothing worth reporting
         config.models, config.images, config.concurrency = ("net",), ("0.1MP",), (1, 4)
         config.duration, config.warmup, config.out = 1.0, 1.0, config.work / "smoke"
+        config.batches = BatchRun(batches=(1, 4), precisions=("fp32", "bf16"), duration=0.5, warmup=0.2)
     command = "tvserve bench " + " ".join(sys.argv[2:])
     report = run(config)
     print(write(report, config.out, command.strip()))
@@ -171,6 +174,23 @@ def cmd_bench(args):
 
         check_smoke(report)
         print("bench smoke: every system answered, no errors")
+
+
+def batch_run(args):
+    """The bench's batch rows (tvserve/tools/batches.py) as asked, by default on a GPU only; None: none."""
+    from tvserve.tools.batches import GPU_BATCHES, BatchRun
+
+    import torch
+
+    wanted = args.batches or (",".join(map(str, GPU_BATCHES)) if torch.cuda.is_available() else "none")
+    if wanted == "none":
+        return None
+    try:
+        batches = tuple(int(size) for size in wanted.split(","))
+    except ValueError:
+        raise TvserveError(f"--batches takes comma-separated batch sizes (e.g. 1,8,32,64) or none; got {wanted!r}.") from None
+    return BatchRun(batches=batches, precisions=tuple(args.precisions.split(",")), decodes=tuple(args.decodes.split(",")),
+                    duration=args.duration, warmup=args.warmup)
 
 
 def cmd_soak(args):
@@ -481,6 +501,10 @@ def get_parser(with_training: bool = True):
                        "and draft (--jpeg-draft), int8 (--precision int8), stock (TorchServe's own handler)")
     bench.add_argument("--calibration", type=Path, help="int8 calibration images for the torchvision model (default: "
                        "crops of the benchmark photos, timing only)")
+    bench.add_argument("--batches", help="in-process rows by batch size, handler pipeline against forward only, e.g. "
+                       "1,8,32,64 (default: those on a GPU, none on a CPU; `none` skips them)")
+    bench.add_argument("--precisions", default="fp32,tf32,bf16,fp16", help="the batch rows' precisions (TVSERVE_PRECISION)")
+    bench.add_argument("--decodes", default="pil,tensor", help="the batch rows' decode paths (TVSERVE_DECODE)")
     bench.add_argument("--smoke", action="store_true", help="a seconds-long run of the book's Net that checks the harness")
     bench.set_defaults(func=cmd_bench)
 

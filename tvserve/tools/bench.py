@@ -37,7 +37,8 @@ from tvserve.build.weights import load_checkpoint
 from tvserve.ops import client
 from tvserve.ops.properties import DEVELOPMENT_CONFIG, free_ports_config
 from tvserve.ops.server import Server
-from tvserve.tools.inprocess import load_handler, predict, probabilities
+from tvserve.tools.batches import BatchRun, batch_rows, markdown as batch_markdown, targets as batch_targets
+from tvserve.tools.inprocess import load_handler, predict, probabilities, time_loop
 from tvserve.tools.loadgen import run_wrk, wrk_path
 from tvserve.tools.photos import PHOTOS
 from tvserve.tools.stock import archive_stock_book_model, archive_stock_resnet18, stock_config
@@ -48,6 +49,9 @@ IMAGE_SIZES = {"0.1MP": (387, 258), "0.5MP": (866, 577), "12MP": (4243, 2828)}
 BOOK_MODEL = "net"
 SYSTEMS = ("tvserve", "draft", "int8", "stock")  # tvserve (fp32) always runs: the others are measured against it
 GPU_ID = 0 if torch.cuda.is_available() else None  # in-process rows run where a worker would
+# On a GPU every worker runs eager PyTorch (handlers/runtimes.py): the fp32 archive says channels_last, as
+# cuDNN prefers, instead of timing CPU runtimes it will not use; one worker (in-process rows only).
+ON_GPU = {"backend": "eager_channels_last", "workers": 1} if GPU_ID is not None else {}
 
 
 @dataclass
@@ -63,6 +67,7 @@ class BenchConfig:
     http: bool = True  # False: in-process only (a machine without Java or wrk)
     systems: tuple = SYSTEMS
     calibration: Path = None  # int8 calibration images for a torchvision model (default: crops of the photos)
+    batches: BatchRun = None  # in-process rows by batch size, precision and decode path (tvserve/tools/batches.py)
     notes: list = field(default_factory=list)
 
 
@@ -83,24 +88,6 @@ def make_images(folder: Path, sizes: dict) -> dict:
                 Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
             images[name].append(path)
     return images
-
-
-def percentiles(latencies_ms: list, seconds: float) -> dict:
-    q = np.percentile(latencies_ms, [50, 90, 99])
-    return {"rps": round(len(latencies_ms) / seconds, 2), "p50_ms": round(q[0], 2), "p90_ms": round(q[1], 2),
-            "p99_ms": round(q[2], 2), "requests": len(latencies_ms), "errors": 0}
-
-
-def time_loop(call, duration: float, warmup: float) -> dict:
-    """Calls `call()` back to back: `warmup` s unmeasured, then `duration` s measured."""
-    end = time.perf_counter() + warmup
-    while time.perf_counter() < end:
-        call()
-    latencies, start = [], time.perf_counter()
-    while (now := time.perf_counter()) - start < duration:
-        call()
-        latencies.append((time.perf_counter() - now) * 1000)
-    return percentiles(latencies, time.perf_counter() - start)
 
 
 def in_process_rows(model: str, handler, batch: int, images: dict, config: BenchConfig) -> list:
@@ -219,7 +206,7 @@ def build_archives(model: str, config: BenchConfig) -> tuple:
     stores = variants(config, base, calibration, 0.99 if config.calibration else 0.0)
     for store, extra in stores.values():
         archive_torchvision(model, weights_file=weights, options=ArchiveOptions(
-            model_name=model, export_path=store, force=True, **extra))
+            model_name=model, export_path=store, force=True, **({} if "precision" in extra else ON_GPU), **extra))
     stock = (archive_stock_resnet18(base / "stock", weights, list(enum.meta["categories"]))
              if model == "resnet18" and "stock" in config.systems else None)
     return {system: store for system, (store, _) in stores.items()}, stock  # stock TorchServe: resnet18 and the Net
@@ -251,7 +238,11 @@ def bench_model(model: str, images: dict, config: BenchConfig) -> dict:
         with Server(model_store=store, config=properties, workdir=workdir) as server:
             rows += http_rows(system, model, server, images, config)
     backends = {system: handler.record.backend.to_dict() for system, handler in handlers.items()}
-    return {"rows": rows, "lossy": effects, "backend": backends["tvserve"], "int8_backend": backends.get("int8")}
+    batches = config.batches and batch_rows(model, stores["tvserve"] / f"{model}.mar",
+                                            [paths[0].read_bytes() for paths in images.values()],
+                                            config.work / "unpacked" / model / "batches", config.batches)
+    return {"rows": rows, "lossy": effects, "backend": backends["tvserve"], "int8_backend": backends.get("int8"),
+            "batches": batches}
 
 
 def machine() -> dict:
@@ -272,7 +263,10 @@ def run(config: BenchConfig) -> dict:
         report["models"][model] = bench_model(model, images, config)
     report["notes"] = config.notes
     report["http"] = config.http
+    report["batch_rows"] = bool(config.batches)
     report["targets"] = targets(report)
+    if config.batches:
+        report["targets"] += batch_targets({model: result["batches"] for model, result in report["models"].items()})
     return report
 
 
@@ -284,6 +278,8 @@ def check_smoke(report: dict) -> None:
             {"(c) tvserve", "(c) tvserve+draft", "(c) tvserve int8", "(d) stock"} if report["http"] else set())
         if not wanted <= systems:
             raise TvserveError(f"bench smoke: {model} lacks {', '.join(sorted(wanted - systems))}")
+        if report.get("batch_rows") and not (result.get("batches") or {}).get("rows"):
+            raise TvserveError(f"bench smoke: {model} lacks its batch rows")
         bad = [row for row in result["rows"] if row["errors"] or not row["requests"]]
         if bad:
             raise TvserveError(f"bench smoke: {model}: errors or no requests in {bad}")
@@ -370,6 +366,8 @@ def int8_targets(report: dict) -> list:
 
 
 def fmt(value) -> str:
+    if isinstance(value, float) and 0 < abs(value) < 0.01:  # parity gaps: 5.9e-06, not 0.0
+        return f"{value:.1e}"
     return "-" if value is None else f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
@@ -396,6 +394,8 @@ def markdown(report: dict, command: str) -> str:
             lines += ["", f"int8 archive ({result['int8_backend']['name']}), measured at archive time on "
                       f"{cost['calibration_dir']}: {summary(Quantization.from_dict(cost))}."]
         lines += ["", *wide_table(result["rows"])]
+        if result.get("batches"):
+            lines += ["", *batch_markdown(model, result["batches"])]
     lines += ["", "### Targets", "", "| target | measured | goal | met |", "| --- | --- | --- | --- |"]
     lines += [f"| {t['target']} | {fmt(t['ratio'])} | {t['goal']} | {'-' if t['met'] is None else 'yes' if t['met'] else 'no'} |"
               for t in report["targets"]]

@@ -4,10 +4,12 @@ Used by the benchmark (in-process forward and full pipeline) and by parity tests
 is this checkout's `handlers/`, which is what `tvserve archive` copies into every archive.
 """
 
+import time
 import types
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from handlers.tvserve_handler import TvserveHandler
@@ -40,3 +42,21 @@ def predict(handler: TvserveHandler, image: bytes) -> list:
     """The full pipeline for one image: decode, preprocess, forward, top-k, as served."""
     tensor, options = handler.preprocess({"body": image}, {})
     return handler.postprocess(handler.inference(tensor.unsqueeze(0))[0], options)
+
+
+def percentiles(latencies_ms: list, seconds: float) -> dict:
+    q = np.percentile(latencies_ms, [50, 90, 99])
+    return {"rps": round(len(latencies_ms) / seconds, 2), "p50_ms": round(q[0], 2), "p90_ms": round(q[1], 2),
+            "p99_ms": round(q[2], 2), "requests": len(latencies_ms), "errors": 0}
+
+
+def time_loop(call, duration: float, warmup: float) -> dict:
+    """Calls `call()` back to back: `warmup` s unmeasured, then `duration` s measured."""
+    end = time.perf_counter() + warmup
+    while time.perf_counter() < end:
+        call()
+    latencies, start = [], time.perf_counter()
+    while (now := time.perf_counter()) - start < duration:
+        call()
+        latencies.append((time.perf_counter() - now) * 1000)
+    return percentiles(latencies, time.perf_counter() - start)
