@@ -52,6 +52,10 @@ def add_archive_options(parser):
                        "tolerance of eager, 1e-4 for probabilities)")
     group.add_argument("--jpeg-draft", action="store_true",
                        help="lossy: decode big JPEGs at a reduced DCT scale (at least twice the resize size)")
+    group.add_argument("--gpu-decode", dest="decode", action="store_const", const="tensor",
+                       help="lossy: decode a batch's JPEGs together (nvJPEG on a GPU, libjpeg-turbo on the CPU) and "
+                       "resize, crop and normalise them as tensor ops on the worker's device; records decode: tensor "
+                       "(default: PIL, exact)")
     group.add_argument("--precision", choices=["fp32", "int8"], help="default fp32; int8: post-training static "
                        "quantization (ONNX Runtime), calibrated on --calibration, its accuracy cost measured and recorded")
     group.add_argument("--calibration", type=Path, help="int8: a folder of your images (a few hundred is typical; "
@@ -61,7 +65,7 @@ def add_archive_options(parser):
 
 
 ARCHIVE_FLAGS = ("model_name", "version", "export_path", "force", "workers", "batch_size", "max_batch_delay",
-                 "response_timeout", "startup_timeout", "threads", "backend", "jpeg_draft", "precision",
+                 "response_timeout", "startup_timeout", "threads", "backend", "jpeg_draft", "decode", "precision",
                  "calibration", "min_agreement")
 
 
@@ -202,11 +206,13 @@ def cmd_prepare(args):
 
 
 def cmd_serve(args):
+    from handlers.devices import DECODE_ENV
     from tvserve.ops.server import Server
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     config = args.config or (PRODUCTION_CONFIG if args.production else DEVELOPMENT_CONFIG)
-    server = Server(model_store=args.model_store, config=config, workdir=args.workdir, models=args.models)
+    env = {DECODE_ENV: args.decode} if args.decode else {}  # the workers read it
+    server = Server(model_store=args.model_store, config=config, workdir=args.workdir, models=args.models, env=env)
     models = server.expected_models()
     if not models:
         raise TvserveError(f"No archives in {server.model_store}. Run `tvserve prepare` or `tvserve archive ...`.")
@@ -461,6 +467,8 @@ def get_parser(with_training: bool = True):
     serve.add_argument("--models", default="all", help="all, or NAME.mar[,NAME.mar...]")
     serve.add_argument("--timeout", type=float, help="s to wait for READY (default: archives' startupTimeout)")
     serve.add_argument("--detach", action="store_true", help="return once ready, leaving the server running")
+    serve.add_argument("--decode", choices=["pil", "tensor"], help="override every archive's recorded decoding "
+                       "(as TVSERVE_DECODE does): pil (exact) or tensor (--gpu-decode's; lossy)")
     serve.set_defaults(func=cmd_serve)
 
     export = commands.add_parser("export", help="write a model store in another serving system's layout")
