@@ -180,7 +180,7 @@ class TensorPreprocessing(Preprocessing):
 
     def decode_jpeg(self, tensors: list) -> list:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # torchvision 0.29's deprecation notice, every call
+            warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29's deprecation notice, every call
             return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device)
 
     def from_pixels(self, pixels: np.ndarray) -> torch.Tensor:
