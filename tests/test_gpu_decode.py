@@ -119,12 +119,14 @@ def test_decode_is_recorded_overridable_and_checked(monkeypatch):
 
 
 def test_lossy_effect_of_tensor_decoding_on_the_trained_digits_net(digits_run, digit_files, tmp_path):
-    """The book's Net (trained) on the held-out digits as JPEGs: inputs, probabilities and top-1/top-5
-    of the tensor path against the PIL path, in-process through each archive's own handler."""
+    """The book's Net (trained) on the held-out digits as JPEG scans of 97x97 (so that both paths
+    resize them to its 32x32): inputs, probabilities and top-1/top-5 of the tensor path against the
+    PIL path, in-process through each archive's own handler."""
     folder = tmp_path / "jpegs"
     folder.mkdir()
     for path, _ in digit_files:
-        (folder / f"{path.stem}.jpg").write_bytes(encode(Image.open(path).convert("RGB"), "JPEG", quality=90))
+        scan = Image.open(path).convert("RGB").resize((97, 97), Image.Resampling.BICUBIC)
+        (folder / f"{path.stem}.jpg").write_bytes(encode(scan, "JPEG", quality=90))
     handlers = {}
     for decode in ("pil", "tensor"):
         archive = archive_checkpoint(digits_run / "checkpoint.pt", options=ArchiveOptions(
