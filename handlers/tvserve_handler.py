@@ -9,8 +9,8 @@ Lifecycle, in the TorchServe worker:
   JSON, or OIP v2 / KServe v1 as tvserve's frontend plugin marks them) decodes it into images and
   options, the preprocessor turns the batch's images into tensors together (handlers/devices.py: PIL
   one by one, or the opt-in tensor path, JPEGs decoded together on the worker's device; a client
-  mistake gets its own 4xx, the rest of the batch still runs), the task makes the batch (stacked for classification, a list of
-  images of their own sizes for detection) and runs the forward under `torch.inference_mode()`,
+  mistake gets its own 4xx, the rest of the batch still runs), the task makes the batch (stacked
+  for classification, a list of images of their own sizes for detection) and runs the forward under `torch.inference_mode()`,
   then the task's answer per request, encoded by its protocol. Metadata requests are answered
   without a forward; explanations (handlers/explanations.py) run apart, on the eager model.
 - The management API's `GET /models/NAME?customized=true` gets the archive's record.
@@ -187,8 +187,8 @@ class TvserveHandler:
                 parsed.append((idx, protocol, *self.parse(protocol, request, headers)))
             except RequestError as err:
                 responses[idx] = self.refuse(context, idx, protocol, err)
-        images = [image for _, _, decoded, _ in parsed if decoded.action != "metadata" for image in decoded.images]
-        prepared = iter(self.preprocessor.prepare(images, self.telemetry.seconds))
+        bodies = [image for _, _, decoded, _ in parsed if decoded.action != "metadata" for image in decoded.images]
+        prepared = iter(self.preprocessor.prepare(bodies, self.telemetry.seconds))
         accepted, tensors = [], []
         for idx, protocol, decoded, options in parsed:
             try:
