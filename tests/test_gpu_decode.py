@@ -118,7 +118,7 @@ def test_decode_is_recorded_overridable_and_checked(monkeypatch):
         ArchiveOptions(decode="tensor", jpeg_draft=True)
 
 
-def test_lossy_effect_of_tensor_decoding_on_the_trained_digits_net(digits_run, digit_files, tmp_path):
+def test_lossy_effect_of_tensor_decoding_on_the_trained_digits_net(digits_run, digit_files, tmp_path, monkeypatch):
     """The book's Net (trained) on the held-out digits as JPEG scans of 97x97 (so that both paths
     resize them to its 32x32): inputs, probabilities and top-1/top-5 of the tensor path against the
     PIL path, in-process through each archive's own handler."""
@@ -135,6 +135,9 @@ def test_lossy_effect_of_tensor_decoding_on_the_trained_digits_net(digits_run, d
         assert read_record(archive).preset.decode == decode
         handlers[decode] = load_handler(archive, tmp_path / decode)
     assert handlers["tensor"].preprocessor.name == "tensor"
+    monkeypatch.setenv(DECODE_ENV, "pil")  # the serve-time override wins over the record
+    assert load_handler(archive, tmp_path / "overridden").preprocessor.name == "pil"
+    monkeypatch.delenv(DECODE_ENV)
     effect = lossy_effect(handlers["pil"], handlers["tensor"], {"digits": sorted(folder.iterdir())}, "decode_tensor")
     print(f"\ntensor decoding on {effect['images']} digit JPEGs: {effect}")
     agree = int(effect["top1_agreement"].split("/")[0])
