@@ -61,11 +61,16 @@ def open_image(data: bytes, max_pixels: int = MAX_PIXELS, draft_min_side: int = 
 
 def open_pixels(pixels: np.ndarray, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """RGB pixels uint8 [H, W, 3] -> an RGB image (the same size limit as encoded images)."""
+    check_pixels(pixels, max_pixels)
+    return Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), "RGB")
+
+
+def check_pixels(pixels: np.ndarray, max_pixels: int = MAX_PIXELS) -> None:
+    """Raises a 413 RequestError when RGB pixels [H, W, 3] are over the size limit."""
     height, width = pixels.shape[:2]
     if width * height > max_pixels:
         raise RequestError(413, "ImageTooLarge",
                            f"The pixels are {width}x{height} = {width * height}; the limit is {max_pixels}.")
-    return Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8), "RGB")
 
 
 def draft(image: Image.Image, min_side: int) -> None:

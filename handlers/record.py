@@ -27,6 +27,7 @@ from pathlib import Path
 METADATA_FILE = "tvserve.json"
 FORMAT = 3  # 3: builder weights, partial presets, keypoint names; 2: "format" and "task"; 1: unversioned
 DEFAULT_TASK = "classification"
+DEFAULT_DECODE = "pil"  # exact: equal to the weights' own transforms(); "tensor" is the opt-in lossy one
 
 
 class RecordError(ValueError):
@@ -71,7 +72,9 @@ class ModelSpec:
 class Preset:
     """Resize (shorter side, px), center crop (px), interpolation, and per-channel mean/std in
     [0, 1] units: what torchvision's ImageClassification preset holds. `jpeg_draft` (lossy, opt-in):
-    JPEGs decode at a reduced DCT scale of at least twice `resize`.
+    JPEGs decode at a reduced DCT scale of at least twice `resize`. `decode` (handlers/devices.py's
+    PREPROCESSORS): "pil", exact, or "tensor" (lossy, opt-in: JPEGs of a batch decoded together and
+    resized on the worker's device, nvJPEG on a GPU); records without it read as "pil".
     The other tasks' presets leave steps out (None, and not written): SemanticSegmentation has no
     crop, ObjectDetection only converts to float (the model resizes and normalises itself)."""
 
@@ -81,12 +84,14 @@ class Preset:
     mean: list = None
     std: list = None
     jpeg_draft: bool = False
+    decode: str = DEFAULT_DECODE
 
     def to_dict(self) -> dict:
         out = {"resize": self.resize, "crop": self.crop, "interpolation": self.interpolation if self.resize else None,
                "mean": self.mean, "std": self.std}
         out = {key: value for key, value in out.items() if value is not None}  # steps the preset leaves out
-        return {**out, "jpeg_draft": True} if self.jpeg_draft else out
+        out = {**out, "jpeg_draft": True} if self.jpeg_draft else out
+        return {**out, "decode": self.decode} if self.decode != DEFAULT_DECODE else out  # lossy choices only
 
     @classmethod
     def from_dict(cls, data: dict) -> "Preset":

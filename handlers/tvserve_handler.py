@@ -8,9 +8,10 @@ Lifecycle, in the TorchServe worker:
   (handlers/tasks/), the preprocessing (handlers/devices.py) and its metrics (handlers/telemetry.py).
 - `handle(data, context)` per batch: each request's protocol (handlers/protocols/: `/predictions`
   JSON, or OIP v2 / KServe v1 as tvserve's frontend plugin marks them) decodes it into images and
-  options, the preprocessor turns each image into a tensor (a client mistake gets its own 4xx, the
-  rest of the batch still runs), the task makes the batch (stacked for classification, a list of
-  images of their own sizes for detection) and runs the forward under `torch.inference_mode()`,
+  options, the preprocessor turns the batch's images into tensors together (handlers/devices.py: PIL
+  one by one, or the opt-in tensor path, JPEGs decoded together on the worker's device; a client
+  mistake gets its own 4xx, the rest of the batch still runs), the task makes the batch (stacked
+  for classification, a list of images of their own sizes for detection) and runs the forward under `torch.inference_mode()`,
   then the task's answer per request, encoded by its protocol. Metadata requests are answered
   without a forward; explanations (handlers/explanations.py) run apart, on the eager model.
 - The management API's `GET /models/NAME?customized=true` gets the archive's record.
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 from handlers.budget import thread_budget
-from handlers.devices import PREPROCESSORS, model_device
+from handlers.devices import PREPROCESSORS, decode_choice, model_device
 from handlers.errors import RequestError
 from handlers.explanations import Explainer
 from handlers.models import load_model
@@ -88,20 +89,28 @@ class TvserveHandler:
         self.backend, self.runner = load_backend(model_dir, self.record, threads, device, self.precision)
         self.task = get_task(self.record.task, self.record.labels, self.record.keypoint_names)
         self.protocol = PROTOCOLS[DEFAULT_PROTOCOL]
-        self.preprocessor = PREPROCESSORS["pil"](self.record.preset)
+        self.preprocessor = PREPROCESSORS[decode_choice(self.record.preset)](self.record.preset, device)
         self.model_dir, self.explainer = model_dir, None  # the explainer is loaded on first use
         self.telemetry = Telemetry(context)
         self.telemetry.worker_started()
         self.initialized = True
-        log.info("tvserve: loaded %s (%s), %d labels, backend %s on %s, %d threads, precision %s", self.record.name,
-                 self.record.source, len(self.record.labels), self.backend, device, threads,
-                 describe_precision(self.precision, device))
+        log.info("tvserve: loaded %s (%s), %d labels, backend %s on %s, %d threads, precision %s, %s decoding",
+                 self.record.name, self.record.source, len(self.record.labels), self.backend, device, threads,
+                 describe_precision(self.precision, device), self.preprocessor.name)
 
     def decode(self, protocol, request: dict, headers: dict) -> tuple:
         """One request -> (Decoded, [Tensor[3, H, W] float32 per image], options: the task's, and
         "image_size", the (height, width) of the upright image as sent; the tasks that read it answer
         one image per request).
         Raises RequestError for client mistakes; in a several-image request it names the image."""
+        decoded, options = self.parse(protocol, request, headers)
+        if decoded.action == "metadata":
+            return decoded, [], {}
+        return (decoded, *self.collect(self.preprocessor.prepare(decoded.images, self.telemetry.seconds), options))
+
+    def parse(self, protocol, request: dict, headers: dict) -> tuple:
+        """One request -> (Decoded: its action and encoded images, options: the task's), before any
+        image is decoded. Raises RequestError for client mistakes."""
         if protocol.name not in self.task.protocols:
             raise RequestError(400, "UnsupportedProtocol",
                                f"{self.record.name} is a {self.task.name} model: it answers on "
@@ -111,25 +120,20 @@ class TvserveHandler:
             raise RequestError(400, "UnsupportedExplanation",
                                f"Explanations are for classification models; {self.record.name} is a {self.task.name} model.")
         if decoded.action == "metadata":
-            return decoded, [], {}
-        options = self.task.parse_options(decoded.options)
-        prepared = [self.preprocess_image(image, i, len(decoded.images)) for i, image in enumerate(decoded.images)]
-        return decoded, [tensor for tensor, _ in prepared], {**options, "image_size": prepared[0][1]}
+            return decoded, {}
+        return decoded, self.task.parse_options(decoded.options)
 
-    def preprocess_image(self, image, index: int, count: int) -> tuple:
-        """Decodes and preprocesses one image, timing each stage: (Tensor[3, H, W], (height, width))."""
-        try:
-            start = time.perf_counter()
-            picture = self.preprocessor.decode(image)
-            decoded = time.perf_counter()
-            tensor = self.preprocessor.transform(picture)
-        except RequestError as err:
-            if count == 1:
-                raise
-            raise RequestError(err.status, err.type, f"Image {index}: {err.message}") from None
-        self.telemetry.seconds("decode", decoded - start)
-        self.telemetry.seconds("preprocess", time.perf_counter() - decoded)
-        return tensor, (picture.height, picture.width)
+    @staticmethod
+    def collect(prepared: list, options: dict) -> tuple:
+        """One request's prepared images (Preprocessing.prepare) -> ([Tensor[3, H, W]], options with
+        "image_size" of its first image). Raises the first image's RequestError; in a several-image
+        request it names the image."""
+        for index, result in enumerate(prepared):
+            if isinstance(result, RequestError):
+                if len(prepared) == 1:
+                    raise result
+                raise RequestError(result.status, result.type, f"Image {index}: {result.message}")
+        return [tensor for tensor, _ in prepared], {**options, "image_size": prepared[0][1]}
 
     def preprocess(self, request: dict, headers: dict):
         """One /predictions request -> (Tensor[3, H, W] float32, options: the task's, and
@@ -155,7 +159,7 @@ class TvserveHandler:
             self.explainer = Explainer(load_model(self.model_dir, self.record), self.record.preset.crop)
         batch = torch.stack(images)
         targets = [self.task.explain_target(row, options) for row in self.inference(batch)]
-        heatmaps, seconds = self.explainer(batch, [target["index"] for target in targets])
+        heatmaps, seconds = self.explainer(batch.cpu(), [target["index"] for target in targets])  # CPU model
         self.telemetry.seconds("explain", seconds)
         return [{"method": self.explainer.method, "target": target, "heatmap": heatmap}
                 for target, heatmap in zip(targets, heatmaps)]
@@ -176,21 +180,31 @@ class TvserveHandler:
         return body
 
     def handle_batch(self, data, context):
-        """Decodes each request with its protocol; answers its mistakes, metadata and explanations at
-        once; runs every other accepted image in one forward; encodes each request's rows with its
-        protocol. Every answer is counted by protocol, status and error type."""
+        """Parses each request with its protocol; prepares every image of the batch together (the
+        preprocessor's batch entry); answers mistakes, metadata and explanations at once; runs every
+        other accepted image in one forward; encodes each request's rows with its protocol. Every
+        answer is counted by protocol, status and error type."""
         start = time.perf_counter()
         responses = [None] * len(data)
-        accepted, tensors = [], []
+        parsed = []
         for idx, request in enumerate(data):
             headers = context.get_all_request_header(idx)
             protocol = protocol_for(headers)
             self.telemetry.queued(header(headers, ARRIVAL_HEADER))
             try:
-                decoded, images, options = self.decode(protocol, request, headers)
+                parsed.append((idx, protocol, *self.parse(protocol, request, headers)))
+            except RequestError as err:
+                responses[idx] = self.refuse(context, idx, protocol, err)
+        bodies = [image for _, _, decoded, _ in parsed if decoded.action != "metadata" for image in decoded.images]
+        prepared = iter(self.preprocessor.prepare(bodies, self.telemetry.seconds))
+        accepted, tensors = [], []
+        for idx, protocol, decoded, options in parsed:
+            try:
                 if decoded.action == "metadata":
                     responses[idx] = self.answer(context, idx, protocol, start, *protocol.metadata(decoded, self.task))
-                elif decoded.action == "explain":
+                    continue
+                images, options = self.collect([next(prepared) for _ in decoded.images], options)
+                if decoded.action == "explain":
                     explanations = self.explain(images, options)
                     responses[idx] = self.answer(context, idx, protocol, start,
                                                  *protocol.encode_explanation(decoded, explanations))
@@ -198,9 +212,7 @@ class TvserveHandler:
                     accepted.append((idx, protocol, decoded, options, len(images)))
                     tensors.extend(images)
             except RequestError as err:
-                context.set_response_status(err.status, err.type, idx=idx)
-                responses[idx] = self.respond(context, idx, *protocol.encode_error(err))
-                self.telemetry.request(protocol.name, err.status, err.type)
+                responses[idx] = self.refuse(context, idx, protocol, err)
         if tensors:
             scores = self.inference(self.task.batch(tensors))
             first = 0
@@ -210,6 +222,12 @@ class TvserveHandler:
                 responses[idx] = self.answer(context, idx, protocol, start,
                                              *protocol.encode(decoded, self.task, rows, options))
         return responses
+
+    def refuse(self, context, idx: int, protocol, err: RequestError):
+        """A client mistake's answer: its status and error body, counted."""
+        context.set_response_status(err.status, err.type, idx=idx)
+        self.telemetry.request(protocol.name, err.status, err.type)
+        return self.respond(context, idx, *protocol.encode_error(err))
 
     def answer(self, context, idx: int, protocol, start: float, body, content_type: str, headers: dict):
         """A successful answer: counted, timed from the batch's start, and handed to TorchServe."""

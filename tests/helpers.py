@@ -102,15 +102,17 @@ class Gate:
             self.open()
 
 
-def archive_gated(folder: Path, export_path: Path, gate: Gate, name: str = "gated") -> Path:
+def archive_gated(folder: Path, export_path: Path, gate: Gate, name: str = "gated", **options) -> Path:
     """Archives GATED_MODEL as NAME.mar in `export_path`: eager, one worker, batches of one (so a
-    held forward holds exactly one request, and nothing is timed at archive time)."""
+    held forward holds exactly one request, and nothing is timed at archive time); `options`
+    (ArchiveOptions' fields) override those."""
     init = {"gate": str(gate.path)}
     write_custom_model(folder, name, GATED_MODEL, "Gated", ["a", "b"], **init)
     return archive_custom(model_file=folder / f"{name}.py", class_name="Gated", init_args=json.dumps(init),
                           weights=folder / f"{name}.pt", labels=folder / "labels.txt", resize=8, crop=8,
                           mean="0.5,0.5,0.5", std="0.25,0.25,0.25",
-                          options=ArchiveOptions(export_path=export_path, workers=1, batch_size=1, backend="eager"))
+                          options=ArchiveOptions(**{"export_path": export_path, "workers": 1, "batch_size": 1,
+                                                    "backend": "eager", **options}))
 
 
 def held(server, model: str = "gated") -> tuple:

@@ -52,6 +52,10 @@ def add_archive_options(parser):
                        "tolerance of eager, 1e-4 for probabilities)")
     group.add_argument("--jpeg-draft", action="store_true",
                        help="lossy: decode big JPEGs at a reduced DCT scale (at least twice the resize size)")
+    group.add_argument("--gpu-decode", dest="decode", action="store_const", const="tensor",
+                       help="lossy: decode a batch's JPEGs together (nvJPEG on a GPU, libjpeg-turbo on the CPU) and "
+                       "resize, crop and normalise them as tensor ops on the worker's device; records decode: tensor "
+                       "(default: PIL, exact)")
     group.add_argument("--precision", help="fp32 (default: IEEE fp32, TF32 off on a GPU), tf32, bf16, fp16 (eager "
                        "PyTorch: TF32 allowed on a GPU, autocast), or int8 (post-training static quantization, ONNX "
                        "Runtime, calibrated on --calibration); for all but fp32 the change against fp32 is measured "
@@ -64,7 +68,7 @@ def add_archive_options(parser):
 
 
 ARCHIVE_FLAGS = ("model_name", "version", "export_path", "force", "workers", "batch_size", "max_batch_delay",
-                 "response_timeout", "startup_timeout", "threads", "backend", "jpeg_draft", "precision",
+                 "response_timeout", "startup_timeout", "threads", "backend", "jpeg_draft", "decode", "precision",
                  "calibration", "min_agreement")
 
 
@@ -225,12 +229,13 @@ def cmd_prepare(args):
 
 
 def cmd_serve(args):
+    from handlers.devices import DECODE_ENV
     from tvserve.ops.server import Server
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     config = args.config or (PRODUCTION_CONFIG if args.production else DEVELOPMENT_CONFIG)
-    server = Server(model_store=args.model_store, config=config, workdir=args.workdir, models=args.models,
-                    env=precision_env(args.precision))
+    env = {**precision_env(args.precision), **({DECODE_ENV: args.decode} if args.decode else {})}  # the workers read them
+    server = Server(model_store=args.model_store, config=config, workdir=args.workdir, models=args.models, env=env)
     models = server.expected_models()
     if not models:
         raise TvserveError(f"No archives in {server.model_store}. Run `tvserve prepare` or `tvserve archive ...`.")
@@ -498,7 +503,7 @@ def get_parser(with_training: bool = True):
     bench.add_argument("--work", type=Path, default=Path(".tvserve/bench"), help="archives, images, server logs")
     bench.add_argument("--no-http", action="store_true", help="in-process rows only (no Java or wrk here)")
     bench.add_argument("--systems", default="tvserve,draft,int8,stock", help="comma-separated: tvserve (fp32, always) "
-                       "and draft (--jpeg-draft), int8 (--precision int8), stock (TorchServe's own handler)")
+                       "and draft (--jpeg-draft), tensor (--gpu-decode), int8 (--precision int8), stock (TorchServe's own handler)")
     bench.add_argument("--calibration", type=Path, help="int8 calibration images for the torchvision model (default: "
                        "crops of the benchmark photos, timing only)")
     bench.add_argument("--batches", help="in-process rows by batch size, handler pipeline against forward only, e.g. "
@@ -521,6 +526,8 @@ def get_parser(with_training: bool = True):
     serve.add_argument("--detach", action="store_true", help="return once ready, leaving the server running")
     serve.add_argument("--precision", help="run every model in fp32, tf32, bf16 or fp16 instead of its archive's "
                        "precision (sets TVSERVE_PRECISION for the workers; README: Precision)")
+    serve.add_argument("--decode", choices=["pil", "tensor"], help="override every archive's recorded decoding "
+                       "(as TVSERVE_DECODE does): pil (exact) or tensor (--gpu-decode's; lossy)")
     serve.set_defaults(func=cmd_serve)
 
     export = commands.add_parser("export", help="write a model store in another serving system's layout")

@@ -4,8 +4,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from handlers.budget import cores_per_worker
+from handlers.devices import PREPROCESSORS
 from handlers.precision import PRECISIONS
-from handlers.record import SIZES
+from handlers.record import DEFAULT_DECODE, SIZES
 from handlers.runtimes import RUNTIMES, backends_of
 from tvserve import TvserveError
 
@@ -29,6 +30,7 @@ class ArchiveOptions:
     threads: int = None  # torch threads per worker; None: cores / workers, decided in the worker
     backend: str = "auto"  # a runtime of handlers/runtimes.py; auto: the fastest that passes parity
     jpeg_draft: bool = False  # lossy: decode big JPEGs at a reduced DCT scale (handlers/images.py)
+    decode: str = DEFAULT_DECODE  # "tensor" (--gpu-decode), lossy: JPEGs decoded and resized on the worker's device
     precision: str = "fp32"  # handlers/precision.py; int8, tf32, bf16, fp16: their effect measured (calibration.py)
     calibration: Path = None  # int8: half calibrates, half measures; tf32/bf16/fp16: measured on all of it
     min_agreement: float = 0.99  # int8 is refused below this top-1 agreement with fp32, the others warned of
@@ -47,6 +49,11 @@ class ArchiveOptions:
                 and self.backend not in backends_of(self.precision):
             raise TvserveError(f"--backend {self.backend} runs in {RUNTIMES[self.backend].precision}, not "
                                f"{self.precision}: choose auto or {', '.join(backends_of(self.precision))}.")
+        if self.decode not in PREPROCESSORS:
+            raise TvserveError(f"Invalid decode {self.decode!r}. Choose one of: {', '.join(PREPROCESSORS)}.")
+        if self.decode != DEFAULT_DECODE and self.jpeg_draft:
+            raise TvserveError("--jpeg-draft is for PIL decoding and --gpu-decode decodes JPEGs with torchvision.io "
+                               "at full scale: choose one of the two.")
         if not 0 <= self.min_agreement <= 1:
             raise TvserveError(f"--min-agreement is a fraction from 0 to 1 (0.99: 99%), got {self.min_agreement}.")
 

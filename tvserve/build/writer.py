@@ -187,7 +187,7 @@ def write_archive(record: Record, weights: Path, options: ArchiveOptions, model_
                 record, version=options.version, versions=library_versions(),
                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 weights=replace(record.weights, file=WEIGHTS_FILE, sha256=sha256),
-                preset=replace(record.preset, jpeg_draft=options.jpeg_draft),
+                preset=replace(record.preset, jpeg_draft=options.jpeg_draft, decode=options.decode),
                 backend=Backend.from_dict(backend), sizing=sizing)
             mar.writestr("MAR-INF/MANIFEST.json", manifest)
             mar.writestr(METADATA_FILE, record.to_json())

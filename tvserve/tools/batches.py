@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from ts.context import Context, RequestProcessor
 
-from handlers.devices import model_device
+from handlers.devices import DECODE_ENV, model_device
+from handlers.precision import ENV as PRECISION_ENV
 from tvserve.tools.inprocess import load_handler, probabilities, time_loop
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,8 @@ class BatchRun:
 def serving_as(precision: str, decode: str):
     """Inside, workers initialised in this process run in `precision` with `decode` (the variables
     `tvserve serve --precision/--decode` sets for its workers)."""
-    saved = {name: os.environ.get(name) for name in ("TVSERVE_PRECISION", "TVSERVE_DECODE")}
-    os.environ.update(TVSERVE_PRECISION=precision, TVSERVE_DECODE=decode)
+    saved = {name: os.environ.get(name) for name in (PRECISION_ENV, DECODE_ENV)}
+    os.environ.update({PRECISION_ENV: precision, DECODE_ENV: decode})
     try:
         yield
     finally:

@@ -4,12 +4,14 @@
   (b) pipeline    in-process, decode + preprocess + forward + top-k, the handler's own code
   (c) tvserve     over HTTP (wrk), the archive as `tvserve archive` builds it by default
   (d) stock       TorchServe's own image_classifier handler, eager: one worker, and its defaults
-plus `tvserve+draft`, the same archive with the lossy --jpeg-draft, and `int8` columns for (a),
+plus `tvserve+draft` and `tvserve+tensor`, the same archive with the lossy --jpeg-draft or
+--gpu-decode (decode: tensor), and `int8` columns for (a),
 (b) and (c): the archive with --precision int8, calibrated on images of the model's own kind (the
 book's Net: the digit scans it was not trained on, in class folders; a torchvision model: crops of
 the benchmark photos, or --calibration). Each lossy option's effect (largest probability change and
-top-1 agreement over the benchmark images) is reported, and int8's measured cost from its record.
-`--systems` picks which of tvserve, draft, int8 and stock run. Servers run one at a time.
+top-1 and top-5 agreement, and the model inputs' difference, over the benchmark images) is
+reported, and int8's measured cost from its record. `--systems` picks which of tvserve, draft,
+tensor, int8 and stock run. Servers run one at a time.
 Output: Markdown and JSON in --out; the Markdown also goes to stdout.
 """
 
@@ -38,7 +40,7 @@ from tvserve.ops import client
 from tvserve.ops.properties import DEVELOPMENT_CONFIG, free_ports_config
 from tvserve.ops.server import Server
 from tvserve.tools.batches import BatchRun, batch_rows, markdown as batch_markdown, targets as batch_targets
-from tvserve.tools.inprocess import load_handler, predict, probabilities, time_loop
+from tvserve.tools.inprocess import load_handler, predict, time_loop
 from tvserve.tools.loadgen import run_wrk, wrk_path
 from tvserve.tools.photos import PHOTOS
 from tvserve.tools.stock import archive_stock_book_model, archive_stock_resnet18, stock_config
@@ -47,7 +49,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SIZES = {"0.1MP": (387, 258), "0.5MP": (866, 577), "12MP": (4243, 2828)}
 BOOK_MODEL = "net"
-SYSTEMS = ("tvserve", "draft", "int8", "stock")  # tvserve (fp32) always runs: the others are measured against it
+SYSTEMS = ("tvserve", "draft", "tensor", "int8", "stock")  # tvserve (fp32) always runs: the others are measured against it
 GPU_ID = 0 if torch.cuda.is_available() else None  # in-process rows run where a worker would
 # On a GPU every worker runs eager PyTorch (handlers/runtimes.py): the fp32 archive says channels_last, as
 # cuDNN prefers, instead of timing CPU runtimes it will not use; one worker (in-process rows only).
@@ -115,16 +117,28 @@ def in_process_rows(model: str, handler, batch: int, images: dict, config: Bench
 
 
 def lossy_effect(exact, lossy, images: dict, option: str = "jpeg_draft") -> dict:
-    """The `lossy` handler (JPEG draft, int8) vs the `exact` one over every benchmark image: largest
-    probability change and top-1 agreement."""
-    gaps, agree, total = [], 0, 0
+    """The `lossy` handler (JPEG draft, tensor decoding, int8) vs the `exact` one over every
+    benchmark image (`images`: {name: [paths]}): the model inputs' largest difference in uint8
+    levels (undoing the preset's std) and mean absolute difference (normalised units, None where the
+    input sizes differ), the largest probability change, and top-1 and top-5 (set) agreement."""
+    levels, means, gaps, top1, top5, total = [], [], [], 0, 0, 0
+    scale = 255 * torch.tensor(exact.record.preset.std or [1.0, 1.0, 1.0]).view(3, 1, 1)
     for path in [path for paths in images.values() for path in paths]:
         data = path.read_bytes()
-        p, q = (probabilities(h, data) for h in (exact, lossy))
+        x, y = (h.preprocess({"body": data}, {})[0].cpu() for h in (exact, lossy))
+        if x.shape == y.shape:
+            levels.append(((x - y).abs() * scale).max().item())
+            means.append((x - y).abs().mean().item())
+        p, q = (h.inference(t.unsqueeze(0))[0] for h, t in ((exact, x), (lossy, y)))
+        k = min(5, p.numel())
         gaps.append((p - q).abs().max().item())
-        agree += int(p.argmax() == q.argmax())
+        top1 += int(p.argmax() == q.argmax())
+        top5 += int(set(p.topk(k).indices.tolist()) == set(q.topk(k).indices.tolist()))
         total += 1
-    return {"option": option, "images": total, "max_probability_change": max(gaps), "top1_agreement": f"{agree}/{total}"}
+    same_size = len(levels) == total
+    return {"option": option, "images": total, "max_input_levels": max(levels) if same_size else None,
+            "mean_input_difference": sum(means) / total if same_size else None,
+            "max_probability_change": max(gaps), "top1_agreement": f"{top1}/{total}", "top5_agreement": f"{top5}/{total}"}
 
 
 def http_rows(system: str, model: str, server: Server, images: dict, config: BenchConfig) -> list:
@@ -170,7 +184,7 @@ def write_photo_crops(folder: Path, count: int = 32) -> Path:
 
 def variants(config: BenchConfig, base: Path, calibration: Path, min_agreement: float) -> dict:
     """{system: (store, archive options)} of the tvserve archives this run measures."""
-    wanted = {"tvserve": {}, "draft": {"jpeg_draft": True},
+    wanted = {"tvserve": {}, "draft": {"jpeg_draft": True}, "tensor": {"decode": "tensor"},
               "int8": {"precision": "int8", "calibration": calibration, "min_agreement": min_agreement}}
     return {system: (base / f"tvserve-{system}", extra) for system, extra in wanted.items()
             if system == "tvserve" or system in config.systems}
@@ -212,7 +226,8 @@ def build_archives(model: str, config: BenchConfig) -> tuple:
     return {system: store for system, (store, _) in stores.items()}, stock  # stock TorchServe: resnet18 and the Net
 
 
-SERVED_AS = {"tvserve": "(c) tvserve", "draft": "(c) tvserve+draft", "int8": "(c) tvserve int8"}
+SERVED_AS = {"tvserve": "(c) tvserve", "draft": "(c) tvserve+draft", "tensor": "(c) tvserve+tensor",
+             "int8": "(c) tvserve int8"}
 
 
 def bench_model(model: str, images: dict, config: BenchConfig) -> dict:
@@ -224,7 +239,7 @@ def bench_model(model: str, images: dict, config: BenchConfig) -> dict:
         if system in handlers:
             batch = int(read_model_config(stores[system] / f"{model}.mar").get("batchSize", 1))
             rows += in_process_rows(model, handlers[system], batch, images, config)
-    for system, option in (("draft", "jpeg_draft"), ("int8", "int8")):
+    for system, option in (("draft", "jpeg_draft"), ("tensor", "decode_tensor"), ("int8", "int8")):
         if system in handlers:
             effects[option] = lossy_effect(handlers["tvserve"], handlers[system], images, option)
     base = config.work / model
@@ -386,8 +401,7 @@ def markdown(report: dict, command: str) -> str:
             lines.append(f"| {row['image']} | {row['system']} | {row['concurrency']} | {fmt(row['rps'])} | {fmt(row['p50_ms'])} "
                          f"| {fmt(row['p90_ms'])} | {fmt(row['p99_ms'])} | {row['errors']} | {fmt(row.get('loadgen_cpu_pct'))} |")
         for option, lossy in result["lossy"].items():
-            lines += ["", f"Lossy `{OPTION_FLAGS[option]}` over the {lossy['images']} benchmark images: largest probability "
-                      f"change {lossy['max_probability_change']:.2e}, top-1 agreement {lossy['top1_agreement']}."]
+            lines += ["", f"Lossy `{OPTION_FLAGS[option]}` over the {lossy['images']} benchmark images: {effect_line(lossy)}."]
         cost = (result.get("int8_backend") or {}).get("quantization")
         if cost:
             from tvserve.build.calibration import summary
@@ -402,10 +416,18 @@ def markdown(report: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-OPTION_FLAGS = {"jpeg_draft": "--jpeg-draft", "int8": "--precision int8"}
+def effect_line(lossy: dict) -> str:
+    """One lossy_effect() result in words."""
+    inputs = (f"inputs differ by up to {lossy['max_input_levels']:.1f} uint8 levels (mean "
+              f"{lossy['mean_input_difference']:.4f} normalised), " if lossy.get("max_input_levels") is not None else "")
+    return (f"{inputs}largest probability change {lossy['max_probability_change']:.2e}, top-1 agreement "
+            f"{lossy['top1_agreement']}, top-5 {lossy.get('top5_agreement', '-')}")
+
+
+OPTION_FLAGS = {"jpeg_draft": "--jpeg-draft", "decode_tensor": "--gpu-decode", "int8": "--precision int8"}
 WIDE_COLUMNS = (("(a) forward", "(a) forward,"), ("(a) int8", "(a) forward int8,"), ("(b) pipeline", "(b) pipeline,"),
                 ("(b) int8", "(b) pipeline int8,"), ("(c) tvserve", "(c) tvserve"), ("(c) tvserve int8", "(c) tvserve int8"),
-                ("(c) +draft", "(c) tvserve+draft"), ("(d) stock, 1 worker", "(d) stock, 1 worker"),
+                ("(c) +draft", "(c) tvserve+draft"), ("(c) +tensor", "(c) tvserve+tensor"), ("(d) stock, 1 worker", "(d) stock, 1 worker"),
                 ("(d) stock, defaults", "(d) stock, defaults"))
 
 
