@@ -28,11 +28,10 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from handlers.errors import RequestError
 from handlers.images import MAX_PIXELS, check_pixels, open_image, open_pixels
 from handlers.preprocessing import build_transform
-from handlers.record import Preset
+from handlers.record import DECODE_ENV, Preset
 
 log = logging.getLogger(__name__)
 
-DECODE_ENV = "TVSERVE_DECODE"  # a serve-time override of the record's preset.decode: pil or tensor
 ORIENTATION = 0x0112  # the EXIF orientation tag
 TENSOR_MODES = ("RGB", "L")  # JPEG modes torchvision.io decodes to RGB as PIL does (CMYK is left to PIL)
 

@@ -28,6 +28,7 @@ METADATA_FILE = "tvserve.json"
 FORMAT = 3  # 3: builder weights, partial presets, keypoint names; 2: "format" and "task"; 1: unversioned
 DEFAULT_TASK = "classification"
 DEFAULT_DECODE = "pil"  # exact: equal to the weights' own transforms(); "tensor" is the opt-in lossy one
+DECODE_ENV = "TVSERVE_DECODE"  # a serve-time override of the record's preset.decode: pil or tensor (handlers/devices.py)
 
 
 class RecordError(ValueError):

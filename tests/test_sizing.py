@@ -25,15 +25,26 @@ DECIDED = Sizing(decided=SIZES, cores=2)
 COSTS = {"forward_ms": 0.5, "preprocess_ms": 4.0}  # a model cheaper than decoding: one worker per core on a CPU
 
 
-def planned(machine, sizing=DECIDED, task="classification", costs=COSTS) -> tuple:
-    sizes = plan_sizes(ARCHIVED, sizing, task, costs, machine)
+def planned(machine, sizing=DECIDED, task="classification", costs=COSTS, decode="tensor") -> tuple:
+    sizes = plan_sizes(ARCHIVED, sizing, task, costs, machine, decode)
     return sizes["workers"].value, sizes["batch_size"].value, sizes["max_batch_delay"].value
 
 
 @pytest.mark.parametrize("gpus, cores, workers", [(1, 2, 2), (1, 16, 2), (2, 16, 4), (8, 16, 16), (8, 2, 2)])
-def test_decided_sizes_fill_the_gpus_within_the_cores(gpus, cores, workers):
+def test_gpu_decoding_workers_fill_the_gpus_within_the_cores(gpus, cores, workers):
     assert workers == min(WORKERS_PER_GPU * gpus, cores)
     assert planned(Machine(gpus=gpus, cores=cores)) == (workers, GPU_BATCH["classification"], GPU_BATCH_DELAY_MS)
+
+
+@pytest.mark.parametrize("gpus, cores, workers", [(1, 2, 2), (1, 16, 16), (2, 16, 16), (3, 16, 15), (8, 2, 2)])
+def test_pil_decoding_workers_take_every_core_dealt_evenly_to_the_gpus(gpus, cores, workers):
+    assert planned(Machine(gpus=gpus, cores=cores), decode="pil")[0] == workers
+
+
+def test_the_servers_decode_override_decides_the_workers():
+    machine = Machine(gpus=1, cores=16, decode="pil")  # TVSERVE_DECODE=pil over an archive's --gpu-decode
+    assert planned(machine, decode="tensor")[0] == 16
+    assert Machine.detect({"TVSERVE_GPUS": "1", "TVSERVE_CPUS": "16", "TVSERVE_DECODE": "tensor"}, {}).decode == "tensor"
 
 
 @pytest.mark.parametrize("task, batch", [("classification", 32), ("semantic_segmentation", 8), ("detection", 4),

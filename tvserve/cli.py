@@ -229,7 +229,7 @@ def cmd_prepare(args):
 
 
 def cmd_serve(args):
-    from handlers.devices import DECODE_ENV
+    from handlers.record import DECODE_ENV
     from tvserve.ops.server import Server
 
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -22,14 +22,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from handlers.budget import cores, cpu_workers
-from handlers.record import Sizing
+from handlers.record import DECODE_ENV, DEFAULT_DECODE, Sizing
 from tvserve import TvserveError
 from tvserve.build.mar import read_model_config, read_record, registered_version
 
 GPUS_ENV = "TVSERVE_GPUS"  # GPUs to size for, over what is detected (tests size for a GPU on a CPU machine)
 NUMBER_OF_GPU = "number_of_gpu"  # TorchServe's own property: it serves on at most this many
-# Two workers per GPU: while one runs its batch's forward on the card, the other decodes and
-# preprocesses its next batch on its core (decoding, not the forward, is a worker's slow part: issue #13).
+# Workers per GPU, by where a worker decodes (the archive's preset.decode, or TVSERVE_DECODE):
+# - tensor (--gpu-decode): the batch is decoded and preprocessed on the GPU itself (4,732 img/s of
+#   0.5 MP JPEGs on one H200, issue #13): two workers, so one prepares its next batch while the
+#   other runs its forward;
+# - pil: each worker decodes on one core, about 100 img/s of 0.5 MP JPEGs against a forward of
+#   thousands on the card (issue #13: resnet50 93 img/s through the handler, 8,125 forward only), so
+#   the card is fed by every core it can get: the cores shared evenly among the GPUs.
 WORKERS_PER_GPU = 2
 # Batches that fill a GPU: a classifier's forward per image keeps getting cheaper up to 32 and
 # little after (resnet50 on one H200, issue #13: 7,422 img/s at 32, 8,125 at 64). Detection and
@@ -51,12 +56,13 @@ class Machine:
     gpus: int
     cores: int
     gpus_from: str = "detected"  # where the GPU count came from, for the plan lines
+    decode: str = None  # TVSERVE_DECODE for every worker, where the server sets it (else each archive's own)
 
     @classmethod
     def detect(cls, env: dict, properties: dict) -> "Machine":
         """This machine as TorchServe with these `properties` and environment `env` sees it."""
         gpus, source = gpu_count(env, properties)
-        return cls(gpus=gpus, cores=cores(env), gpus_from=source)
+        return cls(gpus=gpus, cores=cores(env), gpus_from=source, decode=env.get(DECODE_ENV) or None)
 
     def describe(self) -> str:
         gpus = f"{self.gpus} GPU{'s' if self.gpus != 1 else ''} ({self.gpus_from})" if self.gpus else "no GPU"
@@ -145,12 +151,11 @@ def kept(size: str, archived: dict, sizing: Sizing) -> Size:
     return Size(archived[size], "given when archived")
 
 
-def plan_workers(archived: dict, sizing: Sizing, costs: dict, machine: Machine) -> Size:
+def plan_workers(archived: dict, sizing: Sizing, costs: dict, machine: Machine, decode: str = DEFAULT_DECODE) -> Size:
     if sizing is None or "workers" not in sizing.decided:
         return kept("workers", archived, sizing)
     if machine.gpus:
-        workers = max(1, min(WORKERS_PER_GPU * machine.gpus, machine.cores))
-        return Size(workers, f"{WORKERS_PER_GPU} per GPU x {machine.gpus}, at most one per core of {machine.cores}")
+        return gpu_workers(machine, machine.decode or decode)
     if machine.cores == sizing.cores:
         return Size(archived["workers"], f"decided on {sizing.cores} cores, as here")
     if costs.get("forward_ms") is None or costs.get("preprocess_ms") is None:
@@ -158,6 +163,18 @@ def plan_workers(archived: dict, sizing: Sizing, costs: dict, machine: Machine) 
     workers = cpu_workers(machine.cores, costs["forward_ms"], costs["preprocess_ms"])
     return Size(workers, f"CPU rule for {machine.cores} cores (archived on {sizing.cores}): forward "
                          f"{costs['forward_ms']:g} ms vs preprocessing {costs['preprocess_ms']:g} ms on one thread")
+
+
+def gpu_workers(machine: Machine, decode: str) -> Size:
+    """Enough workers to feed the GPUs (WORKERS_PER_GPU), at most one per core."""
+    if decode == "tensor":
+        workers = max(1, min(WORKERS_PER_GPU * machine.gpus, machine.cores))
+        return Size(workers, f"decoded on the GPU: {WORKERS_PER_GPU} per GPU x {machine.gpus}, at most one per "
+                             f"core of {machine.cores}")
+    per_gpu = machine.cores // machine.gpus  # TorchServe deals GPUs to workers in turn: the same number each
+    workers = max(1, per_gpu * machine.gpus if per_gpu else machine.cores)
+    return Size(workers, f"decoded with PIL on the CPU: one per core of {machine.cores}, {max(1, per_gpu)} per GPU "
+                         f"x {machine.gpus}, to feed them")
 
 
 def plan_batch_size(archived: dict, sizing: Sizing, task: str, machine: Machine) -> Size:
@@ -176,11 +193,13 @@ def plan_batch_delay(archived: dict, sizing: Sizing, machine: Machine) -> Size:
     return Size(archived["max_batch_delay"], "archive default: kept on a CPU")
 
 
-def plan_sizes(archived: dict, sizing: Sizing, task: str, costs: dict, machine: Machine) -> dict:
+def plan_sizes(archived: dict, sizing: Sizing, task: str, costs: dict, machine: Machine,
+               decode: str = DEFAULT_DECODE) -> dict:
     """{"workers", "batch_size", "max_batch_delay": Size} for one model on `machine`, from the
     archive's own sizes (`archived_sizes`), its record's `sizing` (None for older archives), its
-    `task` and the costs its workers were decided on ({"forward_ms", "preprocess_ms"}, or {})."""
-    return {"workers": plan_workers(archived, sizing, costs, machine),
+    `task`, the costs its workers were decided on ({"forward_ms", "preprocess_ms"}, or {}) and
+    where its workers decode (its preset's `decode`; the server's TVSERVE_DECODE wins)."""
+    return {"workers": plan_workers(archived, sizing, costs, machine, decode),
             "batch_size": plan_batch_size(archived, sizing, task, machine),
             "max_batch_delay": plan_batch_delay(archived, sizing, machine)}
 
@@ -195,7 +214,7 @@ def plan_archive(name: str, mar: Path, machine: Machine, default_workers: int) -
         record = None
     selection = record.backend.selection if record and record.backend else {}
     sizes = plan_sizes(archived, record and record.sizing, record.task if record else "classification",
-                       selection.get("workers") or {}, machine)
+                       selection.get("workers") or {}, machine, record.preset.decode if record else DEFAULT_DECODE)
     return Plan(name=name, version=registered_version(mar), mar=Path(mar), archived=archived, **sizes)
 
 

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from ts.context import Context, RequestProcessor
 
-from handlers.devices import DECODE_ENV, model_device
+from handlers.devices import model_device
+from handlers.record import DECODE_ENV
 from handlers.precision import ENV as PRECISION_ENV
 from tvserve.tools.inprocess import load_handler, probabilities, time_loop
 
