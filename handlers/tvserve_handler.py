@@ -94,9 +94,9 @@ class TvserveHandler:
         self.telemetry = Telemetry(context)
         self.telemetry.worker_started()
         self.initialized = True
-        log.info("tvserve: loaded %s (%s), %d labels, backend %s on %s, %d threads, precision %s, %s decoding",
+        log.info("tvserve: loaded %s (%s), %d labels, backend %s on %s, %d threads, %s decoding, precision %s",
                  self.record.name, self.record.source, len(self.record.labels), self.backend, device, threads,
-                 describe_precision(self.precision, device), self.preprocessor.name)
+                 self.preprocessor.name, describe_precision(self.precision, device))
 
     def decode(self, protocol, request: dict, headers: dict) -> tuple:
         """One request -> (Decoded, [Tensor[3, H, W] float32 per image], options: the task's, and
