@@ -1,5 +1,6 @@
 """Three tvserve replicas behind HAProxy on one machine (tvserve/tools/cluster.py), short: kill -9
-of a frontend, a rolling update 1.0 -> 2.0 with drains, throughput with 1-3 replicas. The figures
+of a frontend, a rolling update 1.0 -> 2.0 with drains, throughput with 1-3 replicas, all with token
+authorization on and one inference key from a keys folder every replica reads. The figures
 are printed; only what must hold is asserted (no request lost or failed, 2.0 alone afterwards),
 never a timing. `make cluster-test` runs the longer version."""
 

@@ -10,12 +10,17 @@ loopback ports. Under steady load from the project's client (with its retries), 
   probabilities: the two versions are different trainings);
 - throughput with 1, 2 and 3 replicas in the pool (wrk), and HAProxy's own CPU per request.
 
+Token authorization is on, as in production, and every replica takes its API keys from one folder
+(TVSERVE_KEYS_DIR, as a Kubernetes Secret mounted in every pod): every client sends the one
+inference key, whichever replica answers, restarted or updated; one without it is refused.
+
 Figures are returned and printed, never asserted on: `make cluster-test`, tests/test_cluster.py.
 """
 
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -34,6 +39,7 @@ import requests
 from tvserve import TvserveError
 from tvserve.ops import client
 from tvserve.ops.probe import PROBE_PROPERTY, READY_PATH, UNREADY_PROPERTY
+from tvserve.ops.client import bearer
 from tvserve.ops.properties import DEVELOPMENT_CONFIG, free_port, free_ports_config, read_properties, write_properties
 
 log = logging.getLogger(__name__)
@@ -51,16 +57,29 @@ def haproxy_path() -> str:
     return path
 
 
-class Replica:
-    """One `tvserve serve` (its own ports, working directory and model store)."""
+def write_keys(folder: Path) -> dict:
+    """A folder holding an inference and a management key, as a Secret mounted at TVSERVE_KEYS_DIR
+    holds them (tvserve/ops/plugin/SuppliedKeys.java); returns {api: key}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = {api: secrets.token_urlsafe(24) for api in ("inference", "management")}
+    for api, key in keys.items():
+        (folder / api).write_text(key + "\n")
+        (folder / api).chmod(0o600)
+    return keys
 
-    def __init__(self, name: str, folder: Path):
-        self.name, self.folder = name, folder
+
+class Replica:
+    """One `tvserve serve` (its own ports, working directory and model store), token authorization
+    on, its API keys from `keys_dir` (shared by every replica)."""
+
+    def __init__(self, name: str, folder: Path, keys_dir: Path):
+        self.name, self.folder, self.keys_dir = name, folder, keys_dir
         self.folder.mkdir(parents=True, exist_ok=True)
         config = free_ports_config(DEVELOPMENT_CONFIG, folder / "config.properties")
         properties = read_properties(config)
         properties.update({PROBE_PROPERTY: f"http://127.0.0.1:{free_port()}", UNREADY_PROPERTY: str(UNREADY_SECONDS),
-                           "default_workers_per_model": "1", "tvserve_threads_per_worker": "1"})
+                           "default_workers_per_model": "1", "tvserve_threads_per_worker": "1",
+                           "disable_token_authorization": "false"})
         self.config = write_properties(config, properties)
         self.inference_port = int(properties["inference_address"].rsplit(":", 1)[1])
         self.probe_url = properties[PROBE_PROPERTY]
@@ -71,7 +90,8 @@ class Replica:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tvserve.cli", "serve", "--config", str(self.config),
              "--workdir", str(self.folder / "work"), "--model-store", str(model_store)],
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "TVSERVE_KEYS_DIR": str(self.keys_dir)})
         log_file.close()
         return self
 
@@ -229,6 +249,7 @@ class Load:
     url: str
     images: list  # bytes
     fingerprints: dict  # {version: [answer for each image]}
+    token: str = None  # the inference key
     threads: int = 4
     sent: int = 0
     answered: int = 0
@@ -254,7 +275,8 @@ class Load:
             with self.lock:
                 self.sent += 1
             try:
-                answer = client.predict(MODEL, self.images[index], url=self.url, session=session, timeout=60)
+                answer = client.predict(MODEL, self.images[index], url=self.url, session=session, timeout=60,
+                                        token=self.token)
             except TvserveError as err:
                 with self.lock:
                     (self.lost if "No server answers" in str(err) else self.failed).append(str(err))
@@ -285,10 +307,18 @@ class Load:
                     "errors": (self.failed + self.lost)[:5]}
 
 
-def fingerprints(replica: Replica, images: list) -> list:
+def fingerprints(replica: Replica, images: list, token: str) -> list:
     """The answer one replica gives to each image (straight to it, not through the balancer)."""
     url = f"http://127.0.0.1:{replica.inference_port}"
-    return [client.predict(MODEL, image, url=url) for image in images]
+    return [client.predict(MODEL, image, url=url, token=token) for image in images]
+
+
+def refusals(balancer: Balancer, image: bytes) -> dict:
+    """The statuses of predictions sent through the balancer without a key and with a wrong one
+    (TorchServe 0.12 answers 400 to the first, 401 to the second)."""
+    url = f"{balancer.url}/predictions/{MODEL}"
+    return {"without_key": requests.post(url, data=image, timeout=30).status_code,
+            "wrong_key": requests.post(url, data=image, headers=bearer("not-the-key"), timeout=30).status_code}
 
 
 def kill_and_rejoin(balancer: Balancer, replica: Replica, model_store: Path) -> dict:
@@ -326,7 +356,7 @@ def rolling_update(balancer: Balancer, replicas: list, new_store: Path) -> dict:
     return {"duration_s": round(time.monotonic() - started, 1), "steps": steps}
 
 
-def throughput(balancer: Balancer, replicas: list, body: Path, seconds: float, concurrency: int) -> list:
+def throughput(balancer: Balancer, replicas: list, body: Path, seconds: float, concurrency: int, token: str) -> list:
     """wrk through HAProxy with 1, 2 and 3 replicas enabled; HAProxy's CPU per request."""
     from tvserve.tools.loadgen import run_wrk
 
@@ -336,7 +366,8 @@ def throughput(balancer: Balancer, replicas: list, body: Path, seconds: float, c
             balancer.command(f"{'enable' if i < active else 'disable'} server tvserve/{replica.name}")
         time.sleep(1)
         cpu = balancer.cpu_seconds()
-        result = run_wrk(f"{balancer.url}/predictions/{MODEL}", body, concurrency=concurrency, duration=seconds)
+        result = run_wrk(f"{balancer.url}/predictions/{MODEL}", body, concurrency=concurrency, duration=seconds,
+                         headers=bearer(token))
         used = balancer.cpu_seconds() - cpu
         rows.append({"replicas": active, "rps": round(result["rps"], 1), "p50_ms": result["p50_ms"],
                      "p99_ms": result["p99_ms"], "errors": result["errors"], "requests": result["requests"],
@@ -362,7 +393,8 @@ class ClusterConfig:
 def run(config: ClusterConfig) -> dict:
     """The whole scenario; returns its figures. Replicas and HAProxy are stopped at the end."""
     images = [Path(p).read_bytes() for p in config.images]
-    replicas = [Replica(f"r{i + 1}", config.work / f"r{i + 1}") for i in range(config.replicas)]
+    keys = write_keys(config.work / "keys")  # one Secret for every replica
+    replicas = [Replica(f"r{i + 1}", config.work / f"r{i + 1}", config.work / "keys") for i in range(config.replicas)]
     balancer, load = Balancer(config.work, replicas), None
     try:
         for replica in replicas:
@@ -374,14 +406,15 @@ def run(config: ClusterConfig) -> dict:
         balancer.start()
         for replica in replicas:
             balancer.wait_status(replica.name, "UP", 30)
-        prints = {"1.0": fingerprints(replicas[0], images)}
-        load = Load(balancer.url, images, prints, threads=config.load_threads).start()
+        prints = {"1.0": fingerprints(replicas[0], images, keys["inference"])}
+        report["refused"] = refusals(balancer, images[0])
+        load = Load(balancer.url, images, prints, token=keys["inference"], threads=config.load_threads).start()
         time.sleep(config.steady_seconds)
         report["kill"] = kill_and_rejoin(balancer, replicas[0], config.v1_store)
         time.sleep(config.steady_seconds)
         report["after_kill"] = load.summary()
         report["rolling_update"] = rolling_update(balancer, replicas, config.v2_store)
-        prints["2.0"] = fingerprints(replicas[0], images)
+        prints["2.0"] = fingerprints(replicas[0], images, keys["inference"])
         finished = time.monotonic()
         time.sleep(config.steady_seconds)
         load.stop()
@@ -389,7 +422,7 @@ def run(config: ClusterConfig) -> dict:
         report["versions_after_update"] = load.versions_since(finished)
         report["versions_all"] = load.versions_since(0)
         report["throughput"] = throughput(balancer, replicas, Path(config.images[0]), config.wrk_seconds,
-                                          config.wrk_concurrency)
+                                          config.wrk_concurrency, keys["inference"])
         report["cores"] = os.cpu_count()
         return report
     finally:
@@ -406,7 +439,9 @@ def format_report(report: dict) -> str:
     load, kill, update = report["load"], report["kill"], report["rolling_update"]
     lines = [
         f"replicas ready in {report['replicas_ready_s']} s ({report['cores']} cores)",
-        f"requests: {load['sent']} sent, {load['answered']} answered, {load['failed']} failed, {load['lost']} lost",
+        f"requests: {load['sent']} sent, {load['answered']} answered, {load['failed']} failed, {load['lost']} lost "
+        f"(all with the one inference key from the shared keys folder; without a key: "
+        f"{report['refused']['without_key']}, with a wrong one: {report['refused']['wrong_key']})",
         f"kill -9 of {kill['replica']}'s frontend: out of the pool in {kill['out_of_pool_s']} s; restarted, "
         f"back in the pool {kill['rejoined_after_restart_s']} s after the restart",
         f"rolling update 1.0 -> 2.0: {update['duration_s']} s for {len(update['steps'])} replicas "
@@ -432,6 +467,8 @@ def check(report: dict) -> list:
         problems.append(f"answers that match neither version: {report['versions_all']}")
     if any(step["exit_code"] != 0 for step in report["rolling_update"]["steps"]):
         problems.append(f"a replica did not stop cleanly: {report['rolling_update']['steps']}")
+    if set(report["refused"].values()) - {400, 401}:
+        problems.append(f"predictions without the key or with a wrong one were not refused: {report['refused']}")
     if any(row["errors"] for row in report["throughput"]):
         problems.append(f"wrk saw errors: {report['throughput']}")
     return problems

@@ -18,6 +18,8 @@ wrk.method = "POST"
 wrk.body = file:read("*a")
 file:close()
 wrk.headers["Content-Type"] = "application/octet-stream"
+local authorization = os.getenv("TVSERVE_AUTHORIZATION")
+if authorization then wrk.headers["Authorization"] = authorization end
 
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -38,16 +40,17 @@ def wrk_path() -> str:
     return path
 
 
-def run_wrk(url: str, body: Path, *, concurrency: int, duration: float, timeout_s: int = 60) -> dict:
+def run_wrk(url: str, body: Path, *, concurrency: int, duration: float, timeout_s: int = 60, headers: dict = None) -> dict:
     """One wrk run; returns {"rps", "p50_ms", "p90_ms", "p99_ms", "max_ms", "requests", "errors",
-    "loadgen_cpu_pct"} (CPU: wrk's user+system time over the run's wall time, in % of one core)."""
+    "loadgen_cpu_pct"} (CPU: wrk's user+system time over the run's wall time, in % of one core).
+    `headers` may hold an Authorization header (client.bearer(token)); no other header is sent."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(WRK_SCRIPT)
     try:
         command = [wrk_path(), "-t", str(min(concurrency, 2)), "-c", str(concurrency), "-d", f"{max(1, round(duration))}s",
                    "--timeout", f"{timeout_s}s", "-s", script.name, url]
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   env={**os.environ, "TVSERVE_BODY": str(body)})
+                                   env={**os.environ, "TVSERVE_BODY": str(body), **authorization_env(headers)})
         output = process.stdout.read()
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
@@ -65,3 +68,11 @@ def run_wrk(url: str, body: Path, *, concurrency: int, duration: float, timeout_
         "max_ms": result["max_us"] / 1000, "requests": result["requests"], "errors": errors,
         "loadgen_cpu_pct": round(100 * (usage.ru_utime + usage.ru_stime) / seconds, 1),
     }
+
+
+def authorization_env(headers: dict = None) -> dict:
+    """The wrk script's environment for `headers`: their Authorization header only."""
+    unknown = set(headers or {}) - {"Authorization"}
+    if unknown:
+        raise ValueError(f"run_wrk sends an Authorization header only, not {', '.join(sorted(unknown))}.")
+    return {"TVSERVE_AUTHORIZATION": headers["Authorization"]} if headers else {}
