@@ -21,6 +21,7 @@ from handlers.budget import CPUS_ENV
 from tvserve.ops import probe
 from tvserve.ops.properties import PRODUCTION_CONFIG, read_properties
 from tvserve.ops.stopping import DRAIN_SECONDS
+from tvserve.ops.sizing import GPUS_ENV
 
 KUBERNETES = REPO / "deploy" / "kubernetes"
 KSERVE = REPO / "deploy" / "kserve"
@@ -199,6 +200,13 @@ def test_service_autoscaler_and_scrape_names_match_the_server():
     selector = deployment["spec"]["selector"]["matchLabels"]
     assert by_kind(resources, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"] == selector
     assert service["spec"]["selector"] == selector
+
+
+def test_the_gpu_overlay_sizes_for_the_gpus_the_pod_is_given():
+    _, container = pod_and_container("gpu")
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env[GPUS_ENV] == str(container["resources"]["limits"]["nvidia.com/gpu"])
+    assert CPUS_ENV in env  # and for the cores it is given: workers x threads <= the CPU limit
 
 
 def test_thread_budget_follows_the_cpu_limit_the_pod_passes(monkeypatch):
