@@ -23,6 +23,7 @@ import torch
 
 from handlers.precision import get_precision
 
+
 class Eager:
     """The model itself; `channels_last` stores weights and inputs NHWC (faster for some CPUs/GPUs)."""
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from helpers import REPO, run_tvserve, served_probabilities
 from handlers.precision import ENV, OVERRIDES, PRECISIONS, Autocast, apply_precision, describe, serving_precision, set_tf32
-from handlers.record import Backend, PrecisionEffect, Record
+from handlers.record import Backend, PrecisionEffect
 from handlers.runtimes import EAGER, load_runner, runtime_for
 from tvserve import TvserveError
 from tvserve.build.calibration import SYNTHETIC_IMAGES

@@ -170,6 +170,7 @@ def predict(model: str, image, *, url: str = DEFAULT_URL, topk: int = None, vers
         raise TvserveError(f"{model}: HTTP {response.status_code}: {error_message(response)}")
     return response.json()
 
+
 def management(method: str, path: str, *, management_url: str, token: str = None, timeout: float = 120,
                **params):
     """One management API call; returns its JSON, or raises TvserveError with the server's reason."""
