@@ -117,7 +117,7 @@ def test_worker_thread_budget_fits_the_cores(server, model_store):
     """auto: the cores shared among all workers the server starts with (3 archives, 1 worker each);
     each worker logs what it got."""
     expected = max(1, os.cpu_count() // 3)
-    loaded = re.findall(r"tvserve: loaded (\S+) .* (\d+) threads", (server.log_dir / "model_log.log").read_text())
+    loaded = re.findall(r"tvserve: loaded (\S+) .* (\d+) threads", server.log())
     assert {"digits_net", "digits_batched", "resnet18"} <= {name for name, _ in loaded}
     assert all(int(count) == expected for _, count in loaded)
 

@@ -21,7 +21,7 @@ from tvserve.build.mar import read_record
 from tvserve.build.options import ArchiveOptions
 from tvserve.build.sources import archive_checkpoint
 from tvserve.build.tuning import candidate_names, sample_jpeg
-from tvserve.ops import client
+from tvserve.ops import client, logs
 from tvserve.ops.properties import free_ports_config
 from tvserve.ops.server import Server
 from tvserve.tools.inprocess import load_handler, probabilities
@@ -171,7 +171,7 @@ def test_a_reduced_precision_archive_records_its_effect_and_serves_it(server, re
     change = (answers - fp32).abs().max().item()  # one image at a time here, batches of 16 at archive time
     assert change == pytest.approx(effect.max_probability_change, rel=0.25, abs=1e-3), (change, effect)
     loaded = re.findall(rf"tvserve: loaded {archive.stem} .* precision (\w+): (.*)",
-                        (server.log_dir / "model_log.log").read_text())
+                        server.log())
     assert loaded and loaded[-1] == (precision, AUTOCAST[precision])
 
 
@@ -201,7 +201,7 @@ def bf16_store(work, reduced_archives):
 
 def precision_server(work, store, name, precision) -> Server:
     folder = work / "precision" / name
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     config = free_ports_config(REPO / "config.properties", folder / "config.properties")
     return Server(model_store=store, config=config, workdir=folder / "server", env={ENV: precision})
 
@@ -214,7 +214,7 @@ def test_serving_with_tvserve_precision_fp32_gives_fp32_answers(work, bf16_store
     assert handler.precision == "fp32" and not torch.allclose(fp32, bf16, rtol=0, atol=FP32_PARITY)
     with precision_server(work, bf16_store, "fp32", "fp32") as server:
         answers = served(server, "digits_bf16", images)
-        log = (server.log_dir / "model_log.log").read_text()
+        log = server.log()
     torch.testing.assert_close(answers, fp32, rtol=0, atol=FP32_PARITY)
     assert re.search(r"tvserve: loaded digits_bf16 .* precision fp32: IEEE fp32", log)
 
@@ -224,3 +224,16 @@ def test_an_invalid_override_stops_the_server_with_the_workers_reason(work, bf16
                                            r"Invalid precision 'int8'"):
         with precision_server(work, bf16_store, "int8", "int8"):
             pass
+
+
+def test_a_server_restarted_in_its_folder_is_judged_on_its_own_workers(work, bf16_store):
+    """A container restarted with its volumes keeps the earlier run's logs: that run's dead workers
+    must not stop the next start, and what the next run reads is its own."""
+    with pytest.raises(TvserveError, match="digits_bf16: workers keep dying while loading"):
+        with precision_server(work, bf16_store, "restarted", "int8"):
+            pass
+    with precision_server(work, bf16_store, "restarted", "fp32") as server:
+        served(server, "digits_bf16", synthetic_images()[:1])
+        assert logs.failed_loads(server.log_dir, "digits_bf16") >= 2  # the earlier run's, still in the log
+        assert server.failed_loads("digits_bf16") == 0 and "Invalid precision" not in server.log()
+        assert re.search(r"tvserve: loaded digits_bf16 .* precision fp32", server.log())

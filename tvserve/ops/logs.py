@@ -12,7 +12,9 @@ own messages from INFO up in ts_log.log, less the per-request ones of its batch 
 jobs; warnings and errors also go to the console (console.log).
 """
 
+import gzip
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 ERROR_LINE = re.compile(r"\b\w*(Error|Exception)\b: .+")
@@ -55,21 +57,61 @@ def log4j2_xml() -> str:
 """
 
 
-def worker_lines(log_dir: Path, model: str) -> list:
+def read_bytes(path: Path) -> bytes:
+    """One log file, a rolled-over (gzipped) one included."""
+    path = Path(path)
+    return gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+
+
+def read_file(path: Path) -> str:
+    return read_bytes(path).decode(errors="replace")
+
+
+@dataclass(frozen=True)
+class Mark:
+    """Where a log stood when a server started: the current file's size and the parts already rolled
+    over. A server that starts again in the same folder (a container restarted with its volumes) is
+    judged on what it writes itself, not on an earlier run's dead workers."""
+    offset: int = 0
+    rolled: frozenset = frozenset()  # (name, mtime in ns) of each part rolled before the mark
+
+
+def rolled_parts(folder: Path, name: str) -> list:
+    """The gzipped parts log4j2 rolled `<name>.log` into (every midnight and at 100 MB, under both
+    TorchServe's configuration and tvserve's), oldest first."""
+    return sorted(folder.glob(f"{name}.*.log.gz"), key=lambda path: path.stat().st_mtime_ns)
+
+
+def mark(log_dir: Path, name: str = "model_log") -> Mark:
+    folder = Path(log_dir)
+    current = folder / f"{name}.log"
+    return Mark(current.stat().st_size if current.exists() else 0,
+                frozenset((path.name, path.stat().st_mtime_ns) for path in rolled_parts(folder, name)))
+
+
+def read(log_dir: Path, name: str = "model_log", since: Mark = Mark()) -> str:
+    """One log from `since` on, rolled parts included: reading only `<name>.log` would lose what a
+    server wrote before the last midnight. The parts rolled since the mark come first, then the
+    current file; the first of them begins with what the current file held at the mark."""
+    folder = Path(log_dir)
+    rolled = [path for path in rolled_parts(folder, name) if (path.name, path.stat().st_mtime_ns) not in since.rolled]
+    current = [folder / f"{name}.log"] if (folder / f"{name}.log").exists() else []
+    return b"".join(read_bytes(path) for path in rolled + current)[since.offset:].decode(errors="replace")
+
+
+def worker_lines(log_dir: Path, model: str, since: Mark = Mark()) -> list:
     """What `model`'s workers printed, from TorchServe's model log (messages only)."""
-    path = Path(log_dir) / "model_log.log"
-    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
-    return [line.split(" - ", 1)[-1] for line in lines if f"-{model}_" in line]
+    return [line.split(" - ", 1)[-1] for line in read(log_dir, since=since).splitlines() if f"-{model}_" in line]
 
 
-def failed_loads(log_dir: Path, model: str) -> int:
-    """How many of `model`'s workers have died so far."""
-    return sum("Backend worker process died" in line for line in worker_lines(log_dir, model))
+def failed_loads(log_dir: Path, model: str, since: Mark = Mark()) -> int:
+    """How many of `model`'s workers have died since the mark."""
+    return sum("Backend worker process died" in line for line in worker_lines(log_dir, model, since))
 
 
-def worker_error(log_dir: Path, model: str) -> str:
-    """The last error a model's worker logged, with the lines that led to it."""
-    mine = worker_lines(log_dir, model)
+def worker_error(log_dir: Path, model: str, since: Mark = Mark()) -> str:
+    """The last error a model's worker logged since the mark, with the lines that led to it."""
+    mine = worker_lines(log_dir, model, since)
     errors = [i for i, line in enumerate(mine) if ERROR_LINE.search(line) and not WRAPPER_ERROR.search(line)]
     if not errors:
         return f"{model}: no worker error in the logs; see {log_dir}."

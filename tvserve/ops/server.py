@@ -65,6 +65,7 @@ class Server:
         self.management_url = self.properties.get("management_address", "http://127.0.0.1:8081")
         self.metrics_url = self.properties.get("metrics_address", "http://127.0.0.1:8082")
         self.process = None
+        self.log_marks = {}  # where each log stood at the start: this run's lines come after
 
     def __enter__(self) -> "Server":
         """Starts the server and waits until it is READY; leaving the block stops it."""
@@ -166,6 +167,7 @@ class Server:
             raise TvserveError(f"No model store at {self.model_store}. Build archives with `tvserve archive`, "
                                "or pass --model-store DIR.")
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_marks = {name: logs.mark(self.log_dir, name) for name in logs.FILES}
         (self.workdir / KEY_FILE).unlink(missing_ok=True)  # TorchServe writes fresh keys at start
         shutil.rmtree(self.busy_dir, ignore_errors=True)
         self.busy_dir.mkdir()
@@ -226,10 +228,14 @@ class Server:
             time.sleep(poll)
 
     def failed_loads(self, model: str) -> int:
-        return logs.failed_loads(self.log_dir, model)
+        return logs.failed_loads(self.log_dir, model, self.log_marks.get("model_log", logs.Mark()))
 
     def worker_error(self, model: str) -> str:
-        return logs.worker_error(self.log_dir, model)
+        return logs.worker_error(self.log_dir, model, self.log_marks.get("model_log", logs.Mark()))
+
+    def log(self, name: str = "model_log") -> str:
+        """What this server wrote to one of TorchServe's logs (`model_log`, `ts_log`, `access_log`...)."""
+        return logs.read(self.log_dir, name, self.log_marks.get(name, logs.Mark()))
 
     def console_tail(self, lines: int = 20) -> str:
         return logs.tail(self.log_dir / "console.log", lines)
