@@ -84,10 +84,23 @@ def test_the_key_file_holds_the_supplied_keys_privately(supplied, supplied_keys,
     assert client.key_sources(supplied.workdir) == {api: str(keys_dir / api) for api in supplied_keys}
     entries = json.loads(key_file.read_text())
     assert {entries[api]["expiration time"] for api in supplied_keys} == {"never"}
-    assert entries["API"]["key"] not in supplied_keys.values()  # the token API keeps its random key
+    assert "key" not in entries["API"] and entries["API"]["status"].startswith("off: the keys are supplied")
     assert not list(supplied.workdir.glob(".key_file*"))  # no staging file left behind
     secret = supplied_keys["inference"]
     assert all(secret not in logs.read_file(path) for path in supplied.log_dir.glob("*.log*"))  # rolled ones too
+
+
+def test_the_token_api_cannot_replace_a_supplied_key(supplied, supplied_keys, digit_files):
+    """TorchServe's /token would give this one replica a new random key; with keys supplied its own key
+    is kept nowhere, so no key a client holds opens it, and the supplied keys stay the ones accepted."""
+    url = f"{local(supplied.management_url)}/token"
+    for token in (None, supplied_keys["management"], supplied_keys["inference"]):
+        answer = requests.get(url, params={"type": "inference"}, headers=client.bearer(token), timeout=30)
+        assert answer.status_code in (400, 401), answer.text
+    assert client.read_keys(supplied.workdir) == supplied_keys
+    answered = requests.post(f"{local(supplied.inference_url)}/predictions/digits_net", data=digit_files[0][0].read_bytes(),
+                             headers=client.bearer(supplied_keys["inference"]), timeout=30)
+    assert answered.status_code == 200
 
 
 def test_a_second_server_on_the_same_folder_accepts_the_same_keys_and_the_tools_read_them(
@@ -176,5 +189,10 @@ def test_without_a_keys_folder_the_keys_are_torchserve_random_ones(tmp_path, mon
         wait_until(lambda: management_answers(server), "the management API with TorchServe's key", timeout=120)
         assert client.key_sources(server.workdir) == {"inference": client.RANDOM_KEY, "management": client.RANDOM_KEY}
         assert all(len(key) < 16 for key in server.keys().values())  # TorchServe's: 6 random bytes in base64
+        api_key = json.loads((server.workdir / client.KEY_FILE).read_text())["API"]["key"]
+        before = server.keys()["inference"]
+        renewed = requests.get(f"{local(server.management_url)}/token", params={"type": "inference"},
+                               headers=client.bearer(api_key), timeout=30)
+        assert renewed.status_code == 200 and server.keys()["inference"] != before  # TorchServe's token API as shipped
     finally:
         server.stop()

@@ -11,6 +11,8 @@ import java.nio.file.Path;
 import java.nio.file.Paths;
 import java.nio.file.StandardCopyOption;
 import java.nio.file.attribute.PosixFilePermissions;
+import java.security.SecureRandom;
+import java.util.Base64;
 import java.util.LinkedHashMap;
 import java.util.Map;
 import org.pytorch.serve.util.ConfigManager;
@@ -30,6 +32,10 @@ import org.slf4j.LoggerFactory;
  * authorization off, a TorchServe whose fields differ) stops the server: it never starts with
  * random keys the operator did not ask for. No key is ever logged.
  *
+ * <p>TorchServe's token API (`/token`, with its own `API` key) would give this one server new random
+ * keys, so replicas would stop sharing them; with keys supplied, that API's key is replaced by a
+ * random one kept nowhere, and key_file.json says the API is off.
+ *
  * <p>TorchServe's ModelServer.main runs TokenAuthorization.init() and then loads this plugin, so
  * the first endpoint constructed installs the keys before any port listens. A refusal propagates out of ModelServer.main,
  * which exits 1.
@@ -39,6 +45,8 @@ final class SuppliedKeys {
     static final String[] APIS = {"inference", "management"};
     static final int MIN_LENGTH = 16;
     static final String NEVER = "never"; // key_file.json's "expiration time" of a supplied key
+    static final String TOKEN_API_OFF = "off: the keys are supplied (" + DIR_ENV + "); /token would give "
+            + "this one server new random keys, so its key is random and kept nowhere";
     private static final Logger logger = LoggerFactory.getLogger(SuppliedKeys.class);
     private static boolean installed;
 
@@ -75,8 +83,10 @@ final class SuppliedKeys {
             setStatic(entry.getKey() + "ExpirationTimeMinutes", null); // null: TorchServe's check never expires it
             sources.put(entry.getKey(), dir.resolve(entry.getKey()));
         }
+        setStatic("apiKey", keptNowhere());
         Path keyFile = Paths.get((String) getStatic("keyFilePath"));
         rewriteKeyFile(keyFile, keys, sources);
+        logger.info("tvserve plugin: token API (/token) {}", TOKEN_API_OFF);
         for (String api : APIS) {
             logger.info("tvserve plugin: {} key {}", api,
                     keys.containsKey(api) ? "from " + sources.get(api) + " (no expiry)" : "is TorchServe's random one");
@@ -136,6 +146,9 @@ final class SuppliedKeys {
                 api.addProperty("expiration time", NEVER);
                 api.addProperty("source", sources.get(entry.getKey()).toString());
             }
+            JsonObject tokenApi = new JsonObject();
+            tokenApi.addProperty("status", TOKEN_API_OFF);
+            content.add("API", tokenApi);
             byte[] text = new GsonBuilder().setPrettyPrinting().create().toJson(content).getBytes(StandardCharsets.UTF_8);
             Path staging = Files.createTempFile(keyFile.getParent(), ".key_file", ".json",
                     PosixFilePermissions.asFileAttribute(PosixFilePermissions.fromString("rw-------")));
@@ -145,6 +158,13 @@ final class SuppliedKeys {
             throw refused("cannot rewrite TorchServe's key file " + keyFile + " with the supplied keys ("
                     + e.getClass().getSimpleName() + "): the server's working directory must be writable.");
         }
+    }
+
+    /** A key nobody can present: 32 random bytes, never written or logged. */
+    private static String keptNowhere() {
+        byte[] bytes = new byte[32];
+        new SecureRandom().nextBytes(bytes);
+        return Base64.getUrlEncoder().withoutPadding().encodeToString(bytes);
     }
 
     private static Field field(String name) {
