@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 # pip's local-mirror notices ("... is ignored") say nothing about the install: keep them out.
 PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup serve test archives clean image image-test bench bench-smoke cluster-test deploy-check
+.PHONY: setup serve test archives clean image image-test bench bench-smoke cluster-test deploy-check gpu-pack gpu-check
 
 $(INSTALLED): pyproject.toml
 	@scripts/check_java.sh
@@ -35,6 +35,12 @@ bench: setup  ## in-process vs tvserve vs stock TorchServe, side by side (~20 mi
 
 bench-smoke: setup  ## a seconds-long bench run that checks the harness works (CI)
 	$(BIN)/tvserve bench --smoke
+
+gpu-pack: setup  ## .gpu/ for the lent GPU machine: Python 3.12 packages, TorchServe's frontend with a jlink'd Java, wrk (44 MB)
+	PIP=$(BIN)/pip scripts/gpu/deps.sh
+
+gpu-check: gpu-pack  ## scripts/gpu/measure.sh here on the CPU, small (~2 min): the carried frontend serves over HTTP
+	OUT=.tvserve/gpu-check PYTHON=$(BIN)/python MODELS=resnet18 BATCHES=1 PRECISIONS=fp32 CONCURRENCY=1,4 scripts/gpu/measure.sh
 
 image:  ## the container image, localhost/tvserve:latest (buildah: no Docker engine needed)
 	scripts/container/build.sh

@@ -52,8 +52,9 @@ BOOK_MODEL = "net"
 SYSTEMS = ("tvserve", "draft", "tensor", "int8", "stock")  # tvserve (fp32) always runs: the others are measured against it
 GPU_ID = 0 if torch.cuda.is_available() else None  # in-process rows run where a worker would
 # On a GPU every worker runs eager PyTorch (handlers/runtimes.py): the fp32 archive says channels_last, as
-# cuDNN prefers, instead of timing CPU runtimes it will not use; one worker (in-process rows only).
-ON_GPU = {"backend": "eager_channels_last", "workers": 1} if GPU_ID is not None else {}
+# cuDNN prefers, instead of timing CPU runtimes it will not use. Workers and batching are left to the
+# archive, so that a server there sizes them for its GPUs (tvserve/ops/sizing.py), as a user's would.
+ON_GPU = {"backend": "eager_channels_last"} if GPU_ID is not None else {}
 
 
 @dataclass
