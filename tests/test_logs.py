@@ -7,11 +7,9 @@ import gzip
 import os
 import re
 import zipfile
-from pathlib import Path
-
-import ts
 
 from tvserve.ops import logs
+from tvserve.ops.plugin import frontend_jar
 
 ROLLED = "%d{dd-MMM}"  # the date in both file patterns below
 
@@ -22,8 +20,7 @@ def log_line(model: str, message: str) -> str:
 
 def rolled_patterns() -> list:
     """The rolled files' names in TorchServe's own log4j2.xml and in tvserve's lean one."""
-    jar = Path(ts.__file__).parent / "frontend" / "model-server.jar"
-    with zipfile.ZipFile(jar) as archive:
+    with zipfile.ZipFile(frontend_jar()) as archive:
         theirs = archive.read("log4j2.xml").decode()
     return [re.search(r'filePattern="[^"]*/model_log\.([^"]+)"', text).group(1) for text in (theirs, logs.log4j2_xml())]
 
