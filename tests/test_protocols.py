@@ -189,6 +189,15 @@ def test_kserve_v1_mistakes_get_a_4xx(server, body, status, words):
     assert missing.status_code == 404 and "served models" in missing.json()["error"]
 
 
+@pytest.mark.parametrize("method", ["PUT", "DELETE"])
+def test_put_and_delete_get_a_405_that_names_the_protocols_routes(server, method):
+    for path, routes in ((f"/v2/models/{MODEL}/infer", "the Open Inference Protocol: GET metadata, POST .../infer."),
+                         (f"/v1/models/{MODEL}", "KServe v1: GET /v1/models/{model}, POST /v1/models/{model}:predict.")):
+        response = requests.request(method, f"{server.inference_url}{path}", timeout=30)
+        assert response.status_code == 405, (method, path, response.text)
+        assert response.json() == {"error": f"{method} is not part of {routes}"}
+
+
 @pytest.mark.parametrize("method", ["HEAD", "OPTIONS", "PATCH"])
 def test_methods_the_protocols_do_not_have_get_a_405_not_a_500(server, method):
     for path in ("/v2/health/live", f"/v2/models/{MODEL}/infer", f"/v1/models/{MODEL}"):

@@ -70,12 +70,7 @@ public class KServeV1Endpoint extends ProtocolEndpoint {
     }
 
     @Override
-    public void doPut(Request req, Response rsp, Context ctx) throws IOException {
-        error(rsp, 405, "PUT is not part of KServe v1: GET /v1/models/{model}, POST /v1/models/{model}:predict.");
-    }
-
-    @Override
-    public void doDelete(Request req, Response rsp, Context ctx) throws IOException {
-        error(rsp, 405, "DELETE is not part of KServe v1: GET /v1/models/{model}, POST /v1/models/{model}:predict.");
+    String routesHint() {
+        return "KServe v1: GET /v1/models/{model}, POST /v1/models/{model}:predict";
     }
 }

@@ -77,13 +77,8 @@ public class OpenInferenceEndpoint extends ProtocolEndpoint {
     }
 
     @Override
-    public void doPut(Request req, Response rsp, Context ctx) throws IOException {
-        error(rsp, 405, "PUT is not part of the Open Inference Protocol: GET metadata, POST .../infer.");
-    }
-
-    @Override
-    public void doDelete(Request req, Response rsp, Context ctx) throws IOException {
-        error(rsp, 405, "DELETE is not part of the Open Inference Protocol: GET metadata, POST .../infer.");
+    String routesHint() {
+        return "the Open Inference Protocol: GET metadata, POST .../infer";
     }
 
     static void serverMetadata(Response rsp) throws IOException {

@@ -13,6 +13,7 @@ import java.util.Map;
 import java.util.Set;
 import java.util.TreeSet;
 import java.util.UUID;
+import org.pytorch.serve.servingsdk.Context;
 import org.pytorch.serve.servingsdk.ModelServerEndpoint;
 import org.pytorch.serve.servingsdk.http.Request;
 import org.pytorch.serve.servingsdk.http.Response;
@@ -51,6 +52,20 @@ public abstract class ProtocolEndpoint extends ModelServerEndpoint {
     protected ProtocolEndpoint() {
         SuppliedKeys.installOnce(); // before any port listens: TorchServe loads plugins first
         EndpointPool.installSoon();
+    }
+
+    /** The protocol's name and the routes it has, for the 405 a method it lacks gets, e.g.
+     *  "KServe v1: GET /v1/models/{model}, POST /v1/models/{model}:predict". */
+    abstract String routesHint();
+
+    @Override
+    public void doPut(Request req, Response rsp, Context ctx) throws IOException {
+        error(rsp, 405, "PUT is not part of " + routesHint() + ".");
+    }
+
+    @Override
+    public void doDelete(Request req, Response rsp, Context ctx) throws IOException {
+        error(rsp, 405, "DELETE is not part of " + routesHint() + ".");
     }
 
     /** A client mistake the frontend can see: answered with its status and {"error": message}. */
