@@ -1,5 +1,5 @@
 """The archive's record, `tvserve.json`: what the model is, how its inputs are prepared, its labels,
-its weights and its runtime. The archiver writes it (tvserve/build/) and the worker reads it
+its weights and its runtime. The archiver writes it (tvserve/archiving/) and the worker reads it
 (handlers/tvserve_handler.py), both through this module, so the two cannot drift.
 
     {"format": 3, "name": "resnet18", "version": "1.0", "task": "classification", "source": "torchvision",
@@ -149,7 +149,7 @@ class Measurement:
 
 @dataclass
 class Quantization(Measurement):
-    """What a reduced precision cost, measured at archive time (tvserve/build/calibration.py) on
+    """What a reduced precision cost, measured at archive time (tvserve/archiving/calibration.py) on
     the held-out part of the user's calibration images, preprocessed as the worker does: top-1
     agreement with the fp32 model (fraction), the largest change of any softmax probability, and,
     where the folder's sub-folders name the labels, the top-1 accuracy (fraction) of both."""
@@ -168,7 +168,7 @@ class Quantization(Measurement):
 @dataclass
 class PrecisionEffect(Measurement):
     """What running in `precision` (tf32, bf16, fp16; handlers/precision.py) changed against the
-    fp32 eager model, measured at archive time (tvserve/build/calibration.py) on `images` (what they
+    fp32 eager model, measured at archive time (tvserve/archiving/calibration.py) on `images` (what they
     were: the user's --calibration folder, or images made at archive time) on the device named by
     `measured_on`: top-1 agreement (fraction), the largest change of any softmax probability, and,
     where the images' labels are known, the top-1 accuracy (fraction) of both."""
@@ -188,7 +188,7 @@ class PrecisionEffect(Measurement):
 @dataclass
 class Backend(FileEntry):
     """The runtime the worker runs the model with (handlers/runtimes.py), its exported file (none
-    for eager), the measurements it was chosen on (tvserve/build/tuning.py) and its precision: fp32
+    for eager), the measurements it was chosen on (tvserve/archiving/tuning.py) and its precision: fp32
     (records before int8 existed read as fp32), int8 with its measured `quantization` cost, or
     tf32, bf16, fp16 with their measured `effect`."""
 

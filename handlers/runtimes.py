@@ -2,12 +2,12 @@
 channels_last), frozen TorchScript, ONNX Runtime and OpenVINO in float32, and ONNX Runtime in int8.
 
 An entry names its exported file (none for eager), how to export it from the eager model (used at
-archive time, tvserve/build/tuning.py), how to load it (used in the worker) and its precision.
+archive time, tvserve/archiving/tuning.py), how to load it (used in the worker) and its precision.
 Every runner maps a float32 Tensor[N, 3, H, W] to the model's raw output Tensor[N, ...] in float32
 (eager also a list of Tensor[3, H, W] of different sizes, for detection models, to their list of
 dicts), with `threads` intra-op threads and one inter-op thread. An fp32 runtime's answers stay
 within the task's parity tolerance of eager; an int8 one's are not exact, and its cost is measured
-on the user's own images instead (tvserve/build/calibration.py). Exported files run on the CPU only:
+on the user's own images instead (tvserve/archiving/calibration.py). Exported files run on the CPU only:
 on a CUDA device, and in the precisions applied to eager PyTorch (tf32, bf16, fp16:
 handlers/precision.py), the worker runs eager from the weights, in channels_last where the archive
 chose it (runtime_for). Adding a runtime is one `Runtime(...)` in RUNTIMES.

@@ -8,8 +8,8 @@ import torchvision.transforms.functional as TF
 
 from training.data import load_dataset
 from training.train import get_args_parser, main as train_main
-from tvserve.build.options import ArchiveOptions
-from tvserve.build.sources import archive_checkpoint, archive_torchvision
+from tvserve.archiving.options import ArchiveOptions
+from tvserve.archiving.sources import archive_checkpoint, archive_torchvision
 from tvserve.ops.properties import free_ports_config
 from tvserve.ops.server import Server
 from tvserve.tools.photos import PHOTOS  # noqa: F401 - the tests import it from here

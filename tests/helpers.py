@@ -13,8 +13,8 @@ from pathlib import Path
 import requests
 import torch
 
-from tvserve.build.options import ArchiveOptions
-from tvserve.build.sources import archive_custom
+from tvserve.archiving.options import ArchiveOptions
+from tvserve.archiving.sources import archive_custom
 from tvserve.ops.management import pending_requests
 
 REPO = Path(__file__).resolve().parents[1]

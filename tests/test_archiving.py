@@ -15,11 +15,11 @@ from conftest import PHOTOS
 from helpers import post_image, run_tvserve, served_probabilities, write_custom_model
 from handlers.tasks.classification import PARITY_TOLERANCE
 from tvserve import TvserveError
-from tvserve.build.check import build_for_check, check_model
-from tvserve.build.mar import read_record
-from tvserve.build.options import ArchiveOptions
-from tvserve.build.sources import archive_custom, archive_torchvision, torchvision_record
-from tvserve.build.zoo import classification_models, preset_of
+from tvserve.archiving.check import build_for_check, check_model
+from tvserve.archiving.mar import read_record
+from tvserve.archiving.options import ArchiveOptions
+from tvserve.archiving.sources import archive_custom, archive_torchvision, torchvision_record
+from tvserve.archiving.zoo import classification_models, preset_of
 from tvserve.ops import client
 
 ZOO = classification_models()

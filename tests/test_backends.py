@@ -22,10 +22,10 @@ from handlers.images import open_image
 from handlers.runtimes import EAGER
 from handlers.tasks.classification import PARITY_TOLERANCE
 from tvserve import TvserveError
-from tvserve.build.mar import read_model_config as archive_config, read_record
-from tvserve.build.options import ArchiveOptions
-from tvserve.build.sources import archive_checkpoint, archive_custom, archive_torchvision
-from tvserve.build.tuning import BATCH_GAIN, BATCH_SIZE
+from tvserve.archiving.mar import read_model_config as archive_config, read_record
+from tvserve.archiving.options import ArchiveOptions
+from tvserve.archiving.sources import archive_checkpoint, archive_custom, archive_torchvision
+from tvserve.archiving.tuning import BATCH_GAIN, BATCH_SIZE
 from tvserve.ops import client
 from tvserve.ops.properties import write_properties
 from tvserve.ops.server import Server

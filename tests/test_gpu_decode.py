@@ -21,10 +21,10 @@ from handlers.images import open_image
 from handlers.record import Preset
 from helpers import Gate, archive_gated, held, served_probabilities, wait_until
 from tvserve import TvserveError
-from tvserve.build.mar import read_record
-from tvserve.build.options import ArchiveOptions
-from tvserve.build.sources import archive_checkpoint
-from tvserve.build.zoo import preset_of
+from tvserve.archiving.mar import read_record
+from tvserve.archiving.options import ArchiveOptions
+from tvserve.archiving.sources import archive_checkpoint
+from tvserve.archiving.zoo import preset_of
 from tvserve.ops import client
 from tvserve.tools.bench import lossy_effect
 from tvserve.tools.inprocess import load_handler, probabilities

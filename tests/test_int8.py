@@ -17,10 +17,10 @@ from conftest import PHOTOS
 from helpers import run_tvserve, served_probabilities, write_custom_model
 from handlers.record import Backend, Record
 from tvserve import TvserveError
-from tvserve.build.calibration import split_files
-from tvserve.build.mar import read_record
-from tvserve.build.options import ArchiveOptions
-from tvserve.build.sources import archive_checkpoint, archive_custom, archive_torchvision
+from tvserve.archiving.calibration import split_files
+from tvserve.archiving.mar import read_record
+from tvserve.archiving.options import ArchiveOptions
+from tvserve.archiving.sources import archive_checkpoint, archive_custom, archive_torchvision
 from tvserve.ops import client
 from tvserve.tools.inprocess import load_handler, probabilities
 from training.train import get_args_parser, main as train_main

@@ -10,7 +10,7 @@ import zipfile
 import torch
 
 from helpers import REPO, run_tvserve, served_probabilities
-from tvserve.build.mar import read_record
+from tvserve.archiving.mar import read_record
 from tvserve.ops import client
 from tvserve.tools.inprocess import load_handler, probabilities
 

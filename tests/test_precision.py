@@ -16,11 +16,11 @@ from handlers.precision import ENV, OVERRIDES, PRECISIONS, Autocast, apply_preci
 from handlers.record import Backend, PrecisionEffect
 from handlers.runtimes import EAGER, load_runner, runtime_for
 from tvserve import TvserveError
-from tvserve.build.calibration import SYNTHETIC_IMAGES
-from tvserve.build.mar import read_record
-from tvserve.build.options import ArchiveOptions
-from tvserve.build.sources import archive_checkpoint
-from tvserve.build.tuning import candidate_names, sample_jpeg
+from tvserve.archiving.calibration import SYNTHETIC_IMAGES
+from tvserve.archiving.mar import read_record
+from tvserve.archiving.options import ArchiveOptions
+from tvserve.archiving.sources import archive_checkpoint
+from tvserve.archiving.tuning import candidate_names, sample_jpeg
 from tvserve.ops import client, logs
 from tvserve.ops.properties import free_ports_config
 from tvserve.ops.server import Server

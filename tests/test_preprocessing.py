@@ -7,7 +7,7 @@ from torchvision.models import get_model_weights
 
 from conftest import PHOTOS
 from handlers.preprocessing import build_transform
-from tvserve.build.zoo import classification_models, preset_of
+from tvserve.archiving.zoo import classification_models, preset_of
 
 
 def make_images():

@@ -14,7 +14,7 @@ from helpers import post_image, served_probabilities
 from training.data import normalise
 from training.models import build_model
 from handlers.tasks.classification import PARITY_TOLERANCE
-from tvserve.build.weights import load_checkpoint
+from tvserve.archiving.weights import load_checkpoint
 
 
 def resnet18_in_process(weights_file):

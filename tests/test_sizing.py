@@ -10,9 +10,9 @@ import requests
 
 from helpers import GATED_MODEL, REPO, run_tvserve, write_custom_model
 from handlers.record import SIZES, Record, Sizing
-from tvserve.build.mar import read_model_config, read_record
-from tvserve.build.options import ArchiveOptions
-from tvserve.build.sources import archive_custom
+from tvserve.archiving.mar import read_model_config, read_record
+from tvserve.archiving.options import ArchiveOptions
+from tvserve.archiving.sources import archive_custom
 from tvserve.ops.client import bearer, read_keys
 from tvserve.ops.management import model_versions
 from tvserve.ops.properties import PRODUCTION_CONFIG, free_ports_config, read_properties

@@ -29,11 +29,11 @@ from handlers.tasks import get_task
 from handlers.tasks.detection import PARITY_TOLERANCE, binary_masks
 from handlers.tasks.instance_segmentation import masks_of, rle_decode, rle_encode
 from tvserve import TvserveError
-from tvserve.build.check import check_model
-from tvserve.build.mar import read_model_config, read_record
-from tvserve.build.options import ArchiveOptions
-from tvserve.build.sources import archive_torchvision, random_state_dict, torchvision_record
-from tvserve.build.zoo import models_by_task, preset_of
+from tvserve.archiving.check import check_model
+from tvserve.archiving.mar import read_model_config, read_record
+from tvserve.archiving.options import ArchiveOptions
+from tvserve.archiving.sources import archive_torchvision, random_state_dict, torchvision_record
+from tvserve.archiving.zoo import models_by_task, preset_of
 from tvserve.ops import client
 from tvserve.tools.tasks_latency import detecting_weights  # random weights that detect something
 

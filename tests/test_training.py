@@ -22,9 +22,9 @@ from training.models import ARCHITECTURES, build_model
 from training.train import RECIPES, fill_defaults, get_args_parser, main as train_main
 from handlers.tasks.classification import PARITY_TOLERANCE
 from tvserve import TvserveError
-from tvserve.build.defaults import prepare_default_archives
-from tvserve.build.options import ArchiveOptions
-from tvserve.build.sources import archive_checkpoint
+from tvserve.archiving.defaults import prepare_default_archives
+from tvserve.archiving.options import ArchiveOptions
+from tvserve.archiving.sources import archive_checkpoint
 from tvserve.ops import client
 
 

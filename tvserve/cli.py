@@ -33,7 +33,7 @@ DEFAULT_MODEL_STORE = Path("model_store")  # the current folder's
 
 
 def add_archive_options(parser):
-    """Flags left out keep ArchiveOptions' defaults (tvserve/build/options.py), the one place they are set."""
+    """Flags left out keep ArchiveOptions' defaults (tvserve/archiving/options.py), the one place they are set."""
     group = parser.add_argument_group("archive options")
     group.add_argument("--name", dest="model_name", help="model name (default: the model's own)")
     group.add_argument("--version", help="default 1.0")
@@ -73,7 +73,7 @@ ARCHIVE_FLAGS = ("model_name", "version", "export_path", "force", "workers", "ba
 
 
 def archive_options(args):
-    from tvserve.build.options import ArchiveOptions
+    from tvserve.archiving.options import ArchiveOptions
 
     values = {name: getattr(args, name) for name in ARCHIVE_FLAGS}
     given = {name: value for name, value in values.items() if value is not None and value is not False}  # 0 is given
@@ -81,7 +81,7 @@ def archive_options(args):
 
 
 def cmd_archive_torchvision(args):
-    from tvserve.build.sources import archive_torchvision
+    from tvserve.archiving.sources import archive_torchvision
 
     path = archive_torchvision(args.model, weights=args.weights, weights_file=args.weights_file,
                                random_init=args.random_init, options=archive_options(args))
@@ -89,13 +89,13 @@ def cmd_archive_torchvision(args):
 
 
 def cmd_archive_checkpoint(args):
-    from tvserve.build.sources import archive_checkpoint
+    from tvserve.archiving.sources import archive_checkpoint
 
     print(archive_checkpoint(args.checkpoint, options=archive_options(args)))
 
 
 def cmd_archive_custom(args):
-    from tvserve.build.sources import archive_custom
+    from tvserve.archiving.sources import archive_custom
 
     print(archive_custom(
         model_file=args.model_file, class_name=args.class_name, init_args=args.init_args,
@@ -105,7 +105,7 @@ def cmd_archive_custom(args):
 
 
 def cmd_zoo(args):
-    from tvserve.build.zoo import zoo
+    from tvserve.archiving.zoo import zoo
 
     rows = zoo()
     if args.json:
@@ -223,7 +223,7 @@ def cmd_train(args):
 
 
 def cmd_prepare(args):
-    from tvserve.build.defaults import prepare_default_archives
+    from tvserve.archiving.defaults import prepare_default_archives
 
     prepare_default_archives(model_store=args.model_store, runs=args.runs)
 
@@ -372,7 +372,7 @@ def cmd_predict(args):
 
 
 def cmd_describe(args):
-    from tvserve.build.mar import read_record
+    from tvserve.archiving.mar import read_record
 
     target = Path(args.target)
     if target.suffix == ".mar" or target.exists():
@@ -388,7 +388,7 @@ def cmd_describe(args):
 
 def precision_line(backend) -> str:
     """"PRECISION: its measured effect against fp32", or None for fp32 (and records without a backend)."""
-    from tvserve.build.calibration import effect_summary, summary
+    from tvserve.archiving.calibration import effect_summary, summary
 
     if backend and backend.quantization:
         return f"{backend.precision}: {summary(backend.quantization, backend.precision)}"

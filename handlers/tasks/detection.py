@@ -106,7 +106,7 @@ class Detection:
     def forward(runner, batch: list) -> list:
         """One forward per image: an R-CNN's transform pads a batch to its largest image, which
         moves its proposals, so an answer would depend on its batch-mates. On a CPU a batch saves
-        little (the archive's sizing measures it, see tvserve/build/tuning.py)."""
+        little (the archive's sizing measures it, see tvserve/archiving/tuning.py)."""
         return [runner([image])[0] for image in batch]
 
     @staticmethod

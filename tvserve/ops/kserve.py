@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from tvserve import TvserveError
-from tvserve.build.mar import MANIFEST_FILE, read_member, read_model_config, registered_name
+from tvserve.archiving.mar import MANIFEST_FILE, read_member, read_model_config, registered_name
 from tvserve.ops.properties import write_properties
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ import requests
 
 from handlers.budget import cores_per_worker
 from tvserve import TvserveError
-from tvserve.build.mar import read_model_config, registered_name
+from tvserve.archiving.mar import read_model_config, registered_name
 from tvserve.ops import logs, state
 from tvserve.ops.sizing import Machine, model_snapshot, plan_archive
 from tvserve.ops.client import KEY_FILE, read_keys

@@ -1,6 +1,6 @@
 """Serve-time sizing: each model's workers, batch size and batch delay for the machine that serves it.
 
-An archive's sizes are decided where it is built, on that machine's CPU (tvserve/build/tuning.py),
+An archive's sizes are decided where it is built, on that machine's CPU (tvserve/archiving/tuning.py),
 and its record says which ones were decided and which the user gave (handlers/record.py Sizing).
 Here the serving machine's facts (GPU count, cores) re-size the decided ones:
 
@@ -24,7 +24,7 @@ from pathlib import Path
 from handlers.budget import cores, cpu_workers
 from handlers.record import DECODE_ENV, DEFAULT_DECODE, Sizing
 from tvserve import TvserveError
-from tvserve.build.mar import read_model_config, read_record, registered_version
+from tvserve.archiving.mar import read_model_config, read_record, registered_version
 
 GPUS_ENV = "TVSERVE_GPUS"  # GPUs to size for, over what is detected (tests size for a GPU on a CPU machine)
 NUMBER_OF_GPU = "number_of_gpu"  # TorchServe's own property: it serves on at most this many

@@ -29,13 +29,13 @@ import torchvision
 from PIL import Image
 
 from tvserve import TvserveError
-from tvserve.build import zoo
+from tvserve.archiving import zoo
 from handlers.record import Quantization
-from tvserve.build.mar import read_model_config
-from tvserve.build.options import ArchiveOptions
-from tvserve.build.sources import archive_checkpoint, archive_torchvision
-from tvserve.build.tuning import cpu_name
-from tvserve.build.weights import load_checkpoint
+from tvserve.archiving.mar import read_model_config
+from tvserve.archiving.options import ArchiveOptions
+from tvserve.archiving.sources import archive_checkpoint, archive_torchvision
+from tvserve.archiving.tuning import cpu_name
+from tvserve.archiving.weights import load_checkpoint
 from tvserve.ops import client
 from tvserve.ops.properties import DEVELOPMENT_CONFIG, free_ports_config
 from tvserve.ops.server import Server
@@ -196,7 +196,7 @@ def build_archives(model: str, config: BenchConfig) -> tuple:
     base = config.work / model
     if model == BOOK_MODEL:
         if not config.checkpoint.exists():
-            from tvserve.build.defaults import train_digits
+            from tvserve.archiving.defaults import train_digits
             train_digits(config.checkpoint.parent)
         checkpoint = load_checkpoint(config.checkpoint)
         stores = variants(config, base, write_digits_folder(config.work / "calibration" / "digits"), 0.99)
@@ -405,7 +405,7 @@ def markdown(report: dict, command: str) -> str:
             lines += ["", f"Lossy `{OPTION_FLAGS[option]}` over the {lossy['images']} benchmark images: {effect_line(lossy)}."]
         cost = (result.get("int8_backend") or {}).get("quantization")
         if cost:
-            from tvserve.build.calibration import summary
+            from tvserve.archiving.calibration import summary
             lines += ["", f"int8 archive ({result['int8_backend']['name']}), measured at archive time on "
                       f"{cost['calibration_dir']}: {summary(Quantization.from_dict(cost))}."]
         lines += ["", *wide_table(result["rows"])]

@@ -481,8 +481,8 @@ def build_stores(work: Path, epochs: int = 3) -> tuple:
 
     from training.data import load_dataset
     from training.train import get_args_parser, main as train_main
-    from tvserve.build.options import ArchiveOptions
-    from tvserve.build.sources import archive_checkpoint
+    from tvserve.archiving.options import ArchiveOptions
+    from tvserve.archiving.sources import archive_checkpoint
 
     stores = []
     for seed, version in ((0, "1.0"), (1, "2.0")):

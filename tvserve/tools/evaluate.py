@@ -11,7 +11,7 @@ import torchvision.transforms.functional as TF
 from training.data import invert, load_dataset, normalise
 from training.models import build_model
 from tvserve import TvserveError
-from tvserve.build.weights import load_checkpoint
+from tvserve.archiving.weights import load_checkpoint
 from tvserve.ops import client
 
 

@@ -28,9 +28,9 @@ import torch
 from PIL import Image
 from torchvision.models import get_model_weights
 
-from tvserve.build.options import ArchiveOptions
-from tvserve.build.sources import archive_torchvision, random_state_dict, torchvision_record
-from tvserve.build.mar import read_model_config, read_record
+from tvserve.archiving.options import ArchiveOptions
+from tvserve.archiving.sources import archive_torchvision, random_state_dict, torchvision_record
+from tvserve.archiving.mar import read_model_config, read_record
 from tvserve.ops.properties import DEVELOPMENT_CONFIG, free_ports_config
 from tvserve.ops.server import Server
 from tvserve.tools.draw import draw

@@ -4,9 +4,9 @@ import logging
 from pathlib import Path
 
 from tvserve import TvserveError
-from tvserve.build.options import ArchiveOptions
-from tvserve.build.sources import archive_checkpoint, archive_torchvision
-from tvserve.build.weights import load_checkpoint
+from tvserve.archiving.options import ArchiveOptions
+from tvserve.archiving.sources import archive_checkpoint, archive_torchvision
+from tvserve.archiving.weights import load_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from handlers.models import build_model
 from handlers.preprocessing import INTERPOLATIONS
 from handlers.record import ModelSpec, Preset, Record, Weights
 from tvserve import TvserveError
-from tvserve.build import zoo
-from tvserve.build.check import check_model
-from tvserve.build.options import ArchiveOptions
-from tvserve.build.weights import load_checkpoint, load_state_dict_file
-from tvserve.build.writer import WEIGHTS_FILE, archive_path, write_archive
+from tvserve.archiving import zoo
+from tvserve.archiving.check import check_model
+from tvserve.archiving.options import ArchiveOptions
+from tvserve.archiving.weights import load_checkpoint, load_state_dict_file
+from tvserve.archiving.writer import WEIGHTS_FILE, archive_path, write_archive
 
 log = logging.getLogger(__name__)
 

@@ -37,13 +37,13 @@ from handlers.record import METADATA_FILE, Backend, Record, Sizing, sha256_of
 from handlers.runtimes import INT8_METHOD, load_runner
 from handlers.tasks import STACKED, get_task
 from tvserve import TvserveError, __version__
-from tvserve.build.calibration import (check as check_cost, measure, measure_effect, read_calibration,
+from tvserve.archiving.calibration import (check as check_cost, measure, measure_effect, read_calibration,
                                        read_measurement_set, synthetic_measurement_set, warn_effect)
-from tvserve.build.mar import MODEL_CONFIG_FILE
-from tvserve.build.options import DEFAULT_VERSION, ArchiveOptions
-from tvserve.build.tuning import (TIMED_BATCH, archive_cores, choose_batch_size, choose_workers, cpu_name,
+from tvserve.archiving.mar import MODEL_CONFIG_FILE
+from tvserve.archiving.options import DEFAULT_VERSION, ArchiveOptions
+from tvserve.archiving.tuning import (TIMED_BATCH, archive_cores, choose_batch_size, choose_workers, cpu_name,
                                   select_backend, select_eager)
-from tvserve.build.weights import load_state_dict_file
+from tvserve.archiving.weights import load_state_dict_file
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from handlers.devices import PilPreprocessing
 from handlers.errors import RequestError
 from handlers.record import PrecisionEffect, Preset, Quantization
 from tvserve import TvserveError
-from tvserve.build.tuning import sample_jpeg
+from tvserve.archiving.tuning import sample_jpeg
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def synthetic_measurement_set(preset: Preset, count: int = SYNTHETIC_IMAGES) -> 
     transform = PilPreprocessing(preset)
     images = torch.stack([transform(sample_jpeg(seed=seed)) for seed in range(count)])
     return MeasurementSet(images=images, labels=None,
-                          what=f"{count} synthetic 866x577 JPEGs made at archive time (tvserve.build.tuning."
+                          what=f"{count} synthetic 866x577 JPEGs made at archive time (tvserve.archiving.tuning."
                                f"sample_jpeg, seeds 0-{count - 1}: gradients and grain, no labels)")
 
 
