@@ -7,6 +7,7 @@ import os
 
 CPUS_ENV = "TVSERVE_CPUS"  # cores this server may use; Kubernetes sets it from the container's CPU limit
 MAX_AUTO_WORKERS = 8
+PREPARE_THREADS_ENV = "TVSERVE_PREPARE_THREADS"  # every worker's prepare pool (handlers/pipeline.py)
 
 
 def cores(env: dict = None) -> int:
@@ -29,6 +30,15 @@ def thread_budget(model_yaml_config: dict) -> int:
     if threads:
         return int(threads)
     return cores_per_worker(int(config.get("maxWorkers") or config.get("minWorkers") or 1))
+
+
+def prepare_threads(model_yaml_config: dict, threads: int) -> int:
+    """Threads of one worker's prepare pool (handlers/pipeline.py): model-config.yaml's
+    handler.prepare_threads, else TVSERVE_PREPARE_THREADS, else as many as its torch `threads`:
+    decoding then has the worker's cores while the forward waits for its first images, and shares
+    them with the forward after."""
+    config = (model_yaml_config or {}).get("handler") or {}
+    return int(config.get("prepare_threads") or os.environ.get(PREPARE_THREADS_ENV) or threads)
 
 
 def cpu_workers(cores: int, forward_ms: float, preprocess_ms: float) -> int:

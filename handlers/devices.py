@@ -65,6 +65,7 @@ class Preprocessing:
     transforms one decoded picture (transform), and says the picture's size (size)."""
 
     name = None
+    batched = False  # True: decode_batch is cheaper per image on a list than image by image
 
     def prepare(self, images: list, seconds=None) -> list:
         """The images of one batch -> per image, (Tensor[3, H, W] float32 on the worker's device,
@@ -129,6 +130,7 @@ class TensorPreprocessing(Preprocessing):
     decoder refuses, takes the PIL path alone (its exact answer, or its own 4xx)."""
 
     name = "tensor"
+    batched = True  # decodes a list of JPEGs in one call: the prepare pool hands it chunks (handlers/pipeline.py)
 
     def __init__(self, preset: Preset, device: str = "cpu"):
         self.device = torch.device(device)

@@ -29,11 +29,12 @@ from pathlib import Path
 
 import torch
 
-from handlers.budget import thread_budget
+from handlers.budget import prepare_threads, thread_budget
 from handlers.devices import PREPROCESSORS, decode_choice, model_device
 from handlers.errors import RequestError
 from handlers.explanations import Explainer
 from handlers.models import load_model
+from handlers.pipeline import Job, PreparePool, ready
 from handlers.precision import ENV as PRECISION_ENV, apply_precision, describe as describe_precision, serving_precision
 from handlers.protocols import DEFAULT_PROTOCOL, PROTOCOLS, protocol_for
 from handlers.protocols.common import header
@@ -82,7 +83,8 @@ class TvserveHandler:
     def initialize(self, context):
         model_dir = Path(context.system_properties["model_dir"])
         self.record = Record.read(model_dir)
-        threads = thread_budget(getattr(context, "model_yaml_config", None))
+        model_config = getattr(context, "model_yaml_config", None)
+        threads = thread_budget(model_config)
         device = model_device(context.system_properties.get("gpu_id"))
         set_threads(threads)
         self.precision = serving_precision((self.record.backend or Backend()).precision, os.environ.get(PRECISION_ENV))
@@ -90,13 +92,14 @@ class TvserveHandler:
         self.task = get_task(self.record.task, self.record.labels, self.record.keypoint_names)
         self.protocol = PROTOCOLS[DEFAULT_PROTOCOL]
         self.preprocessor = PREPROCESSORS[decode_choice(self.record.preset)](self.record.preset, device)
+        self.prepare_pool = PreparePool(self.preprocessor, prepare_threads(model_config, threads))
         self.model_dir, self.explainer = model_dir, None  # the explainer is loaded on first use
         self.telemetry = Telemetry(context)
         self.telemetry.worker_started()
         self.initialized = True
-        log.info("tvserve: loaded %s (%s), %d labels, backend %s on %s, %d threads, %s decoding, precision %s",
-                 self.record.name, self.record.source, len(self.record.labels), self.backend, device, threads,
-                 self.preprocessor.name, describe_precision(self.precision, device))
+        log.info("tvserve: loaded %s (%s), %d labels, backend %s on %s, %d threads (prepare pool %d), %s decoding, "
+                 "precision %s", self.record.name, self.record.source, len(self.record.labels), self.backend, device,
+                 threads, self.prepare_pool.threads, self.preprocessor.name, describe_precision(self.precision, device))
 
     def decode(self, protocol, request: dict, headers: dict) -> tuple:
         """One request -> (Decoded, [Tensor[3, H, W] float32 per image], options: the task's, and
@@ -180,48 +183,63 @@ class TvserveHandler:
         return body
 
     def handle_batch(self, data, context):
-        """Parses each request with its protocol; prepares every image of the batch together (the
-        preprocessor's batch entry); answers mistakes, metadata and explanations at once; runs every
-        other accepted image in one forward; encodes each request's rows with its protocol. Every
-        answer is counted by protocol, status and error type."""
+        """The batch through the pipeline (handlers/pipeline.py): each request parsed with its protocol
+        (mistakes and metadata answered at once), every image handed to the prepare pool at once,
+        then, in the batch's order, each run of prepared requests goes through one forward while
+        the pool prepares the next, and each request's rows are encoded with its protocol.
+        Explanations run apart. Every answer is counted by protocol, status and error type."""
         start = time.perf_counter()
         responses = [None] * len(data)
-        parsed = []
+        jobs = []
         for idx, request in enumerate(data):
             headers = context.get_all_request_header(idx)
             protocol = protocol_for(headers)
             self.telemetry.queued(header(headers, ARRIVAL_HEADER))
             try:
-                parsed.append((idx, protocol, *self.parse(protocol, request, headers)))
+                decoded, options = self.parse(protocol, request, headers)
             except RequestError as err:
                 responses[idx] = self.refuse(context, idx, protocol, err)
-        bodies = [image for _, _, decoded, _ in parsed if decoded.action != "metadata" for image in decoded.images]
-        prepared = iter(self.preprocessor.prepare(bodies, self.telemetry.seconds))
-        accepted, tensors = [], []
-        for idx, protocol, decoded, options in parsed:
+                continue
+            if decoded.action == "metadata":
+                responses[idx] = self.answer(context, idx, protocol, start, *protocol.metadata(decoded, self.task))
+            else:
+                jobs.append(Job(idx, protocol, decoded, options))
+        tickets = iter(self.prepare_pool.submit([image for job in jobs for image in job.decoded.images]))
+        for job in jobs:
+            job.tickets = [next(tickets) for _ in job.decoded.images]
+        prepared = []  # (job, images, options) waiting for the forward
+        for position, job in enumerate(jobs):
+            results = [ticket.result() for ticket in job.tickets]
+            self.report_timings(job.tickets)
             try:
-                if decoded.action == "metadata":
-                    responses[idx] = self.answer(context, idx, protocol, start, *protocol.metadata(decoded, self.task))
-                    continue
-                images, options = self.collect([next(prepared) for _ in decoded.images], options)
-                if decoded.action == "explain":
-                    explanations = self.explain(images, options)
-                    responses[idx] = self.answer(context, idx, protocol, start,
-                                                 *protocol.encode_explanation(decoded, explanations))
+                images, options = self.collect(results, job.options)
+                if job.decoded.action == "explain":
+                    responses[job.idx] = self.answer(context, job.idx, job.protocol, start, *job.protocol.encode_explanation(
+                        job.decoded, self.explain(images, options)))
                 else:
-                    accepted.append((idx, protocol, decoded, options, len(images)))
-                    tensors.extend(images)
+                    prepared.append((job, images, options))
             except RequestError as err:
-                responses[idx] = self.refuse(context, idx, protocol, err)
-        if tensors:
-            scores = self.inference(self.task.batch(tensors))
-            first = 0
-            for idx, protocol, decoded, options, count in accepted:
-                rows = scores[first:first + count]
-                first += count
-                responses[idx] = self.answer(context, idx, protocol, start,
-                                             *protocol.encode(decoded, self.task, rows, options))
+                responses[job.idx] = self.refuse(context, job.idx, job.protocol, err)
+            following = jobs[position + 1].tickets if position + 1 < len(jobs) else None
+            if prepared and (following is None or not ready(following)):  # forward now, while the pool works
+                self.forward_and_answer(context, prepared, responses, start)
+                prepared = []
         return responses
+
+    def report_timings(self, tickets: list) -> None:
+        for ticket in tickets:
+            for stage, seconds in ticket.timings():
+                self.telemetry.seconds(stage, seconds)
+
+    def forward_and_answer(self, context, prepared: list, responses: list, start: float) -> None:
+        """One forward over every image of the `prepared` requests, then each request's answer."""
+        scores = self.inference(self.task.batch([image for _, images, _ in prepared for image in images]))
+        first = 0
+        for job, images, options in prepared:
+            rows = scores[first:first + len(images)]
+            first += len(images)
+            responses[job.idx] = self.answer(context, job.idx, job.protocol, start,
+                                             *job.protocol.encode(job.decoded, self.task, rows, options))
 
     def refuse(self, context, idx: int, protocol, err: RequestError):
         """A client mistake's answer: its status and error body, counted."""

@@ -41,8 +41,8 @@ def add_archive_options(parser):
     group.add_argument("--force", action="store_true", help="overwrite an existing archive")
     group.add_argument("--workers", type=int, help="default: measured here, one per core for a model cheaper than "
                        "decoding a photo, else one with every core's threads")
-    group.add_argument("--batch-size", type=int, help="default: 8 where the chosen backend's batches are cheaper "
-                       "per image here, else 1")
+    group.add_argument("--batch-size", type=int, help="requests a worker takes together (default 8: its pipeline "
+                       "decodes the later ones while the earlier ones run the forward)")
     group.add_argument("--max-batch-delay", type=int, help="ms a batch waits for more requests (default 1)")
     group.add_argument("--response-timeout", type=int, help="s (default 120)")
     group.add_argument("--startup-timeout", type=int, help="s (default 120)")

@@ -6,7 +6,7 @@
 # handler's pipeline against the forward alone, and fp32's parity with the CPU. Results land in
 # $OUT/bench (latest.md, latest.json) as they are written; the log in $OUT/log.txt.
 # Then, where .gpu/frontend.tar.xz came along (deps.sh makes it), the HTTP rows: resnet18 served by
-# TorchServe on the GPU, PIL and tensor decoding, sized at serve time, wrk at concurrency 1 and 64,
+# TorchServe on the GPU, PIL and tensor decoding, sized at serve time, wrk at concurrency 1, 64 and 256,
 # in $OUT/http. PART=inprocess or PART=http runs one half (two calls, if one would run past its limit).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -27,7 +27,7 @@ if [ "$PART" != inprocess ] && [ -f .gpu/frontend.tar.xz ]; then
     { "$JAVA_HOME/bin/java" -version 2>&1; echo "wrk: $(command -v wrk)"; } | tee -a "$OUT/log.txt"
     mkdir -p "$OUT/http"
     "$PYTHON" -m tvserve.cli bench --systems "${HTTP_SYSTEMS:-tvserve,tensor}" --models "${HTTP_MODELS:-resnet18}" \
-        --images 0.5MP --concurrency "${CONCURRENCY:-1,64}" --batches none --duration "${DURATION:-2}" \
+        --images 0.5MP --concurrency "${CONCURRENCY:-1,64,256}" --batches none --duration "${DURATION:-2}" \
         --warmup "${WARMUP:-1}" --out "$OUT/http" --work /tmp/tvserve-http 2>&1 | tee -a "$OUT/log.txt"
     "$PYTHON" - "$OUT/http/latest.json" <<'PY' | tee -a "$OUT/log.txt"  # the exit status: every HTTP row answered, no error
 import json, sys

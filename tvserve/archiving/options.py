@@ -23,7 +23,7 @@ class ArchiveOptions:
     export_path: Path = Path("model_store")
     force: bool = False
     workers: int = None  # None: measured here (tuning.choose_workers)
-    batch_size: int = None  # None: 8 where batches are cheaper per image here, else 1 (tuning.choose_batch_size)
+    batch_size: int = None  # None: tuning.choose_batch_size (8: the pipeline overlaps a batch's decoding and forward)
     max_batch_delay: int = None  # None: DEFAULT_MAX_BATCH_DELAY
     response_timeout: int = 120  # s
     startup_timeout: int = 120  # s
