@@ -70,11 +70,9 @@ class PreparePool:
 
     def submit(self, images: list) -> list:
         """One Ticket per image, in order; the work starts at once on the pool's threads."""
-        tickets, size = [], self.chunk_size(len(images))
-        for first in range(0, len(images), size):
-            future = self.run(images[first:first + size])
-            tickets.extend(Ticket(future, offset) for offset in range(len(images[first:first + size])))
-        return tickets
+        size = self.chunk_size(len(images))
+        chunks = [images[first:first + size] for first in range(0, len(images), size)]
+        return [Ticket(future, offset) for chunk in chunks for future in [self.run(chunk)] for offset in range(len(chunk))]
 
     def run(self, chunk: list) -> Future:
         if self.executor is not None:
@@ -87,10 +85,6 @@ class PreparePool:
         """(the chunk's prepared images, [(stage, seconds)] to report: see Ticket.timings)."""
         timings = []
         return self.preprocessor.prepare(chunk, lambda stage, seconds: timings.append((stage, seconds))), timings
-
-    def close(self) -> None:
-        if self.executor is not None:
-            self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 def ready(tickets: list) -> bool:

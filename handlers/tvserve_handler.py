@@ -6,14 +6,16 @@ Lifecycle, in the TorchServe worker:
   recorded runtime (handlers/runtimes.py; eager on a GPU) in the archive's precision or the
   server's TVSERVE_PRECISION override (handlers/precision.py), and builds the task
   (handlers/tasks/), the preprocessing (handlers/devices.py) and its metrics (handlers/telemetry.py).
-- `handle(data, context)` per batch: each request's protocol (handlers/protocols/: `/predictions`
-  JSON, or OIP v2 / KServe v1 as tvserve's frontend plugin marks them) decodes it into images and
-  options, the preprocessor turns the batch's images into tensors together (handlers/devices.py: PIL
-  one by one, or the opt-in tensor path, JPEGs decoded together on the worker's device; a client
-  mistake gets its own 4xx, the rest of the batch still runs), the task makes the batch (stacked
-  for classification, a list of images of their own sizes for detection) and runs the forward under `torch.inference_mode()`,
-  then the task's answer per request, encoded by its protocol. Metadata requests are answered
-  without a forward; explanations (handlers/explanations.py) run apart, on the eager model.
+- `handle(data, context)` per batch, as a pipeline (handlers/pipeline.py): each request's protocol
+  (handlers/protocols/: `/predictions` JSON, or OIP v2 / KServe v1 as tvserve's frontend plugin
+  marks them) decodes it into images and options; every image goes to the prepare pool at once
+  (handlers/devices.py: PIL image by image, or the opt-in tensor path, JPEGs decoded together on
+  the worker's device, on the pool's threads; a client mistake gets its own 4xx, the rest of the
+  batch still runs); while the pool works, the task makes a model input of the requests already
+  prepared (stacked for classification, a list of images of their own sizes for detection) and
+  runs the forward under `torch.inference_mode()`, then the task's answer per request, encoded by
+  its protocol. Metadata requests are answered without a forward; explanations
+  (handlers/explanations.py) run apart, on the eager model.
 - The management API's `GET /models/NAME?customized=true` gets the archive's record.
 
 Everything here imports torch, torchvision, PIL, the runtime's library and the files shipped in
@@ -93,6 +95,7 @@ class TvserveHandler:
         self.protocol = PROTOCOLS[DEFAULT_PROTOCOL]
         self.preprocessor = PREPROCESSORS[decode_choice(self.record.preset)](self.record.preset, device)
         self.prepare_pool = PreparePool(self.preprocessor, prepare_threads(model_config, threads))
+        self.forward_early = device == "cpu"  # see handle_batch
         self.model_dir, self.explainer = model_dir, None  # the explainer is loaded on first use
         self.telemetry = Telemetry(context)
         self.telemetry.worker_started()
@@ -186,10 +189,23 @@ class TvserveHandler:
         """The batch through the pipeline (handlers/pipeline.py): each request parsed with its protocol
         (mistakes and metadata answered at once), every image handed to the prepare pool at once,
         then, in the batch's order, each run of prepared requests goes through one forward while
-        the pool prepares the next, and each request's rows are encoded with its protocol.
+        the pool prepares the next, and each request's rows are encoded with its protocol. On a GPU
+        the batch's forward waits for all of it (`forward_early` off): one forward of 32 costs the
+        card little more than one of 1, while a CPU forward costs about the same per image at any
+        batch size, so there the forward starts on the first prepared request.
         Explanations run apart. Every answer is counted by protocol, status and error type."""
         start = time.perf_counter()
         responses = [None] * len(data)
+        jobs = self.parse_batch(data, context, responses, start)
+        tickets = iter(self.prepare_pool.submit([image for job in jobs for image in job.decoded.images]))
+        for job in jobs:
+            job.tickets = [next(tickets) for _ in job.decoded.images]
+        self.run_jobs(jobs, context, responses, start)
+        return responses
+
+    def parse_batch(self, data, context, responses: list, start: float) -> list:
+        """The parse stage: a Job per request that needs its images, in the batch's order; client
+        mistakes and metadata requests are answered into `responses` at once."""
         jobs = []
         for idx, request in enumerate(data):
             headers = context.get_all_request_header(idx)
@@ -204,9 +220,12 @@ class TvserveHandler:
                 responses[idx] = self.answer(context, idx, protocol, start, *protocol.metadata(decoded, self.task))
             else:
                 jobs.append(Job(idx, protocol, decoded, options))
-        tickets = iter(self.prepare_pool.submit([image for job in jobs for image in job.decoded.images]))
-        for job in jobs:
-            job.tickets = [next(tickets) for _ in job.decoded.images]
+        return jobs
+
+    def run_jobs(self, jobs: list, context, responses: list, start: float) -> None:
+        """The forward and encode stages: each job's prepared images, in order, joined to the run
+        waiting for the forward, which goes as soon as the next job is not ready yet (or, on a GPU,
+        at the end); explanations and client mistakes are answered on their own."""
         prepared = []  # (job, images, options) waiting for the forward
         for position, job in enumerate(jobs):
             results = [ticket.result() for ticket in job.tickets]
@@ -214,17 +233,16 @@ class TvserveHandler:
             try:
                 images, options = self.collect(results, job.options)
                 if job.decoded.action == "explain":
-                    responses[job.idx] = self.answer(context, job.idx, job.protocol, start, *job.protocol.encode_explanation(
-                        job.decoded, self.explain(images, options)))
+                    responses[job.idx] = self.answer(context, job.idx, job.protocol, start,
+                                                     *job.protocol.encode_explanation(job.decoded, self.explain(images, options)))
                 else:
                     prepared.append((job, images, options))
             except RequestError as err:
                 responses[job.idx] = self.refuse(context, job.idx, job.protocol, err)
             following = jobs[position + 1].tickets if position + 1 < len(jobs) else None
-            if prepared and (following is None or not ready(following)):  # forward now, while the pool works
+            if prepared and (following is None or self.forward_early and not ready(following)):
                 self.forward_and_answer(context, prepared, responses, start)
                 prepared = []
-        return responses
 
     def report_timings(self, tickets: list) -> None:
         for ticket in tickets:

@@ -24,7 +24,7 @@ def answers(handler, bodies: list) -> tuple:
     """(status, answer) per request of one batch through the worker's entry point."""
     context = batch_context(handler, len(bodies))
     bodies_out = handler.handle([{"body": bytearray(body)} for body in bodies], context)
-    return [(processor.get_response_status_code(), json.loads(body))
+    return [(processor.get_response_status_code(), json.loads(body) if isinstance(body, (str, bytes)) else body)
             for processor, body in zip(context.request_processor, bodies_out)]
 
 

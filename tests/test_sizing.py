@@ -36,14 +36,15 @@ def test_gpu_decoding_workers_fill_the_gpus_within_the_cores(gpus, cores, worker
     assert planned(Machine(gpus=gpus, cores=cores)) == (workers, GPU_BATCH["classification"], GPU_BATCH_DELAY_MS)
 
 
-@pytest.mark.parametrize("gpus, cores, workers", [(1, 2, 2), (1, 16, 16), (2, 16, 16), (3, 16, 15), (8, 2, 2)])
-def test_pil_decoding_workers_take_every_core_dealt_evenly_to_the_gpus(gpus, cores, workers):
+@pytest.mark.parametrize("gpus, cores, workers", [(1, 2, 2), (1, 16, 2), (2, 16, 4), (3, 16, 6), (8, 2, 2)])
+def test_pil_decoding_workers_are_as_many_and_prepare_on_the_cores_dealt_to_them(gpus, cores, workers):
     assert planned(Machine(gpus=gpus, cores=cores), decode="pil")[0] == workers
 
 
-def test_the_servers_decode_override_decides_the_workers():
+def test_the_servers_decode_override_is_the_decoding_planned_for():
     machine = Machine(gpus=1, cores=16, decode="pil")  # TVSERVE_DECODE=pil over an archive's --gpu-decode
-    assert planned(machine, decode="tensor")[0] == 16
+    workers = plan_sizes(ARCHIVED, DECIDED, "classification", COSTS, machine, decode="tensor")["workers"]
+    assert workers.value == WORKERS_PER_GPU and "decoded with PIL" in workers.why and "on 8 threads" in workers.why
     assert Machine.detect({"TVSERVE_GPUS": "1", "TVSERVE_CPUS": "16", "TVSERVE_DECODE": "tensor"}, {}).decode == "tensor"
 
 

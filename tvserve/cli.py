@@ -502,8 +502,9 @@ def get_parser(with_training: bool = True):
     bench.add_argument("--out", type=Path, default=Path("benchmarks"), help="where latest.md and latest.json go")
     bench.add_argument("--work", type=Path, default=Path(".tvserve/bench"), help="archives, images, server logs")
     bench.add_argument("--no-http", action="store_true", help="in-process rows only (no Java or wrk here)")
-    bench.add_argument("--systems", default="tvserve,draft,int8,stock", help="comma-separated: tvserve (fp32, always) "
-                       "and draft (--jpeg-draft), tensor (--gpu-decode), int8 (--precision int8), stock (TorchServe's own handler)")
+    bench.add_argument("--systems", default="tvserve,serial,draft,int8,stock", help="comma-separated: tvserve (fp32, "
+                       "always) and serial (the worker without its pipeline: batches of 1, no prepare pool), draft "
+                       "(--jpeg-draft), tensor (--gpu-decode), int8 (--precision int8), stock (TorchServe's own handler)")
     bench.add_argument("--calibration", type=Path, help="int8 calibration images for the torchvision model (default: "
                        "crops of the benchmark photos, timing only)")
     bench.add_argument("--batches", help="in-process rows by batch size, handler pipeline against forward only, e.g. "

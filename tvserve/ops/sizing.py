@@ -28,13 +28,12 @@ from tvserve.archiving.mar import read_model_config, read_record, registered_ver
 
 GPUS_ENV = "TVSERVE_GPUS"  # GPUs to size for, over what is detected (tests size for a GPU on a CPU machine)
 NUMBER_OF_GPU = "number_of_gpu"  # TorchServe's own property: it serves on at most this many
-# Workers per GPU, by where a worker decodes (the archive's preset.decode, or TVSERVE_DECODE):
-# - tensor (--gpu-decode): the batch is decoded and preprocessed on the GPU itself (4,732 img/s of
-#   0.5 MP JPEGs on one H200, issue #13): two workers, so one prepares its next batch while the
-#   other runs its forward;
-# - pil: each worker decodes on one core, about 100 img/s of 0.5 MP JPEGs against a forward of
-#   thousands on the card (issue #13: resnet50 93 img/s through the handler, 8,125 forward only), so
-#   the card is fed by every core it can get: the cores shared evenly among the GPUs.
+# Workers per GPU: two, so that one prepares its next batch while the other runs its forward. Each
+# worker's own pipeline (handlers/pipeline.py) feeds its forward from a prepare pool of the cores
+# dealt to it (TVSERVE_THREADS = cores / workers): with --gpu-decode the pool's chunks are decoded
+# by nvJPEG on the card (4,732 img/s of 0.5 MP JPEGs on one H200, issue #13); with PIL each of its
+# threads decodes on a core (about 100 img/s each, against a forward of thousands on the card:
+# resnet50 8,125 img/s, issue #13), so the cores, not the workers, are what feeds the card.
 WORKERS_PER_GPU = 2
 # Batches that fill a GPU: a classifier's forward per image keeps getting cheaper up to 32 and
 # little after (resnet50 on one H200, issue #13: 7,422 img/s at 32, 8,125 at 64). Detection and
@@ -166,15 +165,11 @@ def plan_workers(archived: dict, sizing: Sizing, costs: dict, machine: Machine, 
 
 
 def gpu_workers(machine: Machine, decode: str) -> Size:
-    """Enough workers to feed the GPUs (WORKERS_PER_GPU), at most one per core."""
-    if decode == "tensor":
-        workers = max(1, min(WORKERS_PER_GPU * machine.gpus, machine.cores))
-        return Size(workers, f"decoded on the GPU: {WORKERS_PER_GPU} per GPU x {machine.gpus}, at most one per "
-                             f"core of {machine.cores}")
-    per_gpu = machine.cores // machine.gpus  # TorchServe deals GPUs to workers in turn: the same number each
-    workers = max(1, per_gpu * machine.gpus if per_gpu else machine.cores)
-    return Size(workers, f"decoded with PIL on the CPU: one per core of {machine.cores}, {max(1, per_gpu)} per GPU "
-                         f"x {machine.gpus}, to feed them")
+    """WORKERS_PER_GPU workers per GPU, at most one per core, each fed by its prepare pool."""
+    workers = max(1, min(WORKERS_PER_GPU * machine.gpus, machine.cores))
+    where = "decoded on the GPU" if decode == "tensor" else "decoded with PIL"
+    return Size(workers, f"{where}: {WORKERS_PER_GPU} per GPU x {machine.gpus}, at most one per core of "
+                         f"{machine.cores}, each preparing on {max(1, machine.cores // workers)} threads")
 
 
 def plan_batch_size(archived: dict, sizing: Sizing, task: str, machine: Machine) -> Size:

@@ -2,7 +2,8 @@
 
   (a) forward     in-process, the archive's backend and the worker's thread count, batch 1
   (b) pipeline    in-process, decode + preprocess + forward + top-k, the handler's own code
-  (c) tvserve     over HTTP (wrk), the archive as `tvserve archive` builds it by default
+  (c) tvserve     over HTTP (wrk), the archive as `tvserve archive` builds it by default, and `serial`:
+                  the same model without the worker's pipeline (batches of 1, no prepare pool)
   (d) stock       TorchServe's own image_classifier handler, eager: one worker, and its defaults
 plus `tvserve+draft` and `tvserve+tensor`, the same archive with the lossy --jpeg-draft or
 --gpu-decode (decode: tensor), and `int8` columns for (a),
@@ -30,6 +31,7 @@ from PIL import Image
 
 from tvserve import TvserveError
 from tvserve.archiving import zoo
+from handlers.budget import PREPARE_THREADS_ENV
 from handlers.record import Quantization
 from tvserve.archiving.mar import read_model_config
 from tvserve.archiving.options import ArchiveOptions
@@ -49,7 +51,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_SIZES = {"0.1MP": (387, 258), "0.5MP": (866, 577), "12MP": (4243, 2828)}
 BOOK_MODEL = "net"
-SYSTEMS = ("tvserve", "draft", "tensor", "int8", "stock")  # tvserve (fp32) always runs: the others are measured against it
+SYSTEMS = ("tvserve", "serial", "draft", "tensor", "int8", "stock")  # tvserve (fp32) always runs: the others are measured against it
 GPU_ID = 0 if torch.cuda.is_available() else None  # in-process rows run where a worker would
 # On a GPU every worker runs eager PyTorch (handlers/runtimes.py): the fp32 archive says channels_last, as
 # cuDNN prefers, instead of timing CPU runtimes it will not use. Workers and batching are left to the
@@ -150,9 +152,9 @@ def http_rows(system: str, model: str, server: Server, images: dict, config: Ben
         for concurrency in config.concurrency:
             run_wrk(url, paths[0], concurrency=concurrency, duration=config.warmup)
             result = run_wrk(url, paths[0], concurrency=concurrency, duration=config.duration)
-            log.info("%-16s %-8s %-6s c=%-2d %7.1f req/s p50 %7.1f ms p99 %7.1f ms errors %d wrk CPU %.1f%%",
-                     system, model, name, concurrency, result["rps"], result["p50_ms"], result["p99_ms"],
-                     result["errors"], result["loadgen_cpu_pct"])
+            log.info("%-16s %-8s %-6s c=%-2d %7.1f req/s p50 %7.1f ms p99 %7.1f ms errors %d wrk CPU %.1f%% "
+                     "machine %s%% busy", system, model, name, concurrency, result["rps"], result["p50_ms"],
+                     result["p99_ms"], result["errors"], result["loadgen_cpu_pct"], result["machine_busy_pct"])
             rows.append({"model": model, "image": name, "system": system, "concurrency": concurrency, **result})
     return rows
 
@@ -185,7 +187,7 @@ def write_photo_crops(folder: Path, count: int = 32) -> Path:
 
 def variants(config: BenchConfig, base: Path, calibration: Path, min_agreement: float) -> dict:
     """{system: (store, archive options)} of the tvserve archives this run measures."""
-    wanted = {"tvserve": {}, "draft": {"jpeg_draft": True}, "tensor": {"decode": "tensor"},
+    wanted = {"tvserve": {}, "serial": {"batch_size": 1}, "draft": {"jpeg_draft": True}, "tensor": {"decode": "tensor"},
               "int8": {"precision": "int8", "calibration": calibration, "min_agreement": min_agreement}}
     return {system: (base / f"tvserve-{system}", extra) for system, extra in wanted.items()
             if system == "tvserve" or system in config.systems}
@@ -227,8 +229,10 @@ def build_archives(model: str, config: BenchConfig) -> tuple:
     return {system: store for system, (store, _) in stores.items()}, stock  # stock TorchServe: resnet18 and the Net
 
 
-SERVED_AS = {"tvserve": "(c) tvserve", "draft": "(c) tvserve+draft", "tensor": "(c) tvserve+tensor",
-             "int8": "(c) tvserve int8"}
+SERVED_AS = {"tvserve": "(c) tvserve", "serial": "(c) tvserve serial", "draft": "(c) tvserve+draft",
+             "tensor": "(c) tvserve+tensor", "int8": "(c) tvserve int8"}
+# The serial worker as it was before the pipeline: batches of one, each image prepared on the worker's thread.
+SERVER_ENV = {"serial": {PREPARE_THREADS_ENV: "1"}}
 
 
 def bench_model(model: str, images: dict, config: BenchConfig) -> dict:
@@ -244,14 +248,14 @@ def bench_model(model: str, images: dict, config: BenchConfig) -> dict:
         if system in handlers:
             effects[option] = lossy_effect(handlers["tvserve"], handlers[system], images, option)
     base = config.work / model
-    servers = [(SERVED_AS[system], store, free_ports_config(DEVELOPMENT_CONFIG, base / f"{system}.properties"))
-               for system, store in stores.items()]
+    servers = [(SERVED_AS[system], store, free_ports_config(DEVELOPMENT_CONFIG, base / f"{system}.properties"),
+                SERVER_ENV.get(system)) for system, store in stores.items()]
     if stock_store:
-        servers += [("(d) stock, 1 worker", stock_store, stock_config(base / "stock1.properties", workers=1)),
-                    ("(d) stock, defaults", stock_store, stock_config(base / "stock.properties"))]
-    for system, store, properties in servers if config.http else []:
+        servers += [("(d) stock, 1 worker", stock_store, stock_config(base / "stock1.properties", workers=1), None),
+                    ("(d) stock, defaults", stock_store, stock_config(base / "stock.properties"), None)]
+    for system, store, properties, env in servers if config.http else []:
         workdir = base / "servers" / "".join(c if c.isalnum() else "-" for c in system)
-        with Server(model_store=store, config=properties, workdir=workdir) as server:
+        with Server(model_store=store, config=properties, workdir=workdir, env=env) as server:
             rows += http_rows(system, model, server, images, config)
     backends = {system: handler.record.backend.to_dict() for system, handler in handlers.items()}
     batches = config.batches and batch_rows(model, stores["tvserve"] / f"{model}.mar",
@@ -291,7 +295,8 @@ def check_smoke(report: dict) -> None:
     for model, result in report["models"].items():
         systems = {row["system"].split(",")[0] for row in result["rows"]}
         wanted = {"(a) forward", "(b) pipeline", "(a) forward int8", "(b) pipeline int8"} | (
-            {"(c) tvserve", "(c) tvserve+draft", "(c) tvserve int8", "(d) stock"} if report["http"] else set())
+            {"(c) tvserve", "(c) tvserve serial", "(c) tvserve+draft", "(c) tvserve int8", "(d) stock"}
+            if report["http"] else set())
         if not wanted <= systems:
             raise TvserveError(f"bench smoke: {model} lacks {', '.join(sorted(wanted - systems))}")
         if report.get("batch_rows") and not (result.get("batches") or {}).get("rows"):
@@ -313,9 +318,8 @@ def targets(report: dict) -> list:
     """Each target of the performance issue with its measured ratio (None where not measured)."""
     out = []
 
-    def add(name, value, goal, at_least=True):
-        met = None if value is None else (value >= goal if at_least else value <= goal)
-        out.append({"target": name, "ratio": value, "goal": f"{'>=' if at_least else '<='} {goal}", "met": met})
+    def add(name, value, target, at_least=True):
+        out.append(goal(name, value, target, at_least))
 
     def rps(rows, system, image, concurrency):
         row = find(rows, system=system, image=image, concurrency=concurrency)
@@ -339,7 +343,35 @@ def targets(report: dict) -> list:
         for stock in ("(d) stock, 1 worker", "(d) stock, defaults"):
             for name in sorted({row["image"] for row in rows}):
                 add(f"Net {name} c=16 req/s, tvserve / {stock[4:]}", ratio(rps(rows, "(c) tvserve", name, 16), rps(rows, stock, name, 16)), 2)
-    return out + int8_targets(report)
+    return out + pipeline_targets(report) + int8_targets(report)
+
+
+def pipeline_targets(report: dict) -> list:
+    """The pipelined worker's targets (issue #22) that need no peer: latency alone no worse than the
+    serial worker's, the machine kept busy under load, and on a GPU the HTTP rate (values, not ratios,
+    where the goal is one)."""
+    out = []
+    if "resnet18" not in report["models"]:
+        return out
+    rows = report["models"]["resnet18"]["rows"]
+    ours, serial = (find(rows, system=system, image="0.5MP", concurrency=1) for system in ("(c) tvserve", "(c) tvserve serial"))
+    out.append(goal("resnet18 0.5MP c=1 p50, tvserve / serial worker (batch 1, no prepare pool)",
+                    ours and serial and ratio(ours["p50_ms"], serial["p50_ms"]), 1.0, at_least=False))
+    for concurrency in (4, 16):
+        row = find(rows, system="(c) tvserve", image="0.5MP", concurrency=concurrency)
+        out.append(goal(f"resnet18 0.5MP c={concurrency}: machine busy %, tvserve", row and row.get("machine_busy_pct"), 95))
+    if torch.cuda.is_available():
+        row = find(rows, system="(c) tvserve", image="0.5MP", concurrency=64)
+        out.append(goal("resnet18 0.5MP c=64 req/s over HTTP on the GPU", row and row["rps"], 1000))
+    else:
+        out.append(goal("resnet18 0.5MP c=64 req/s over HTTP on the GPU (not measured: no device)", None, 1000))
+    return out
+
+
+def goal(name: str, value, target, at_least: bool = True) -> dict:
+    """One target row: the measured value against `target` (None: not measured)."""
+    met = None if value is None else (value >= target if at_least else value <= target)
+    return {"target": name, "ratio": value, "goal": f"{'>=' if at_least else '<='} {target}", "met": met}
 
 
 def forward_rps(rows: list, int8: bool) -> float:
@@ -396,11 +428,12 @@ def markdown(report: dict, command: str) -> str:
         backend = result["backend"]
         lines += ["", f"### {model} (tvserve backend: {backend['name']}, "
                   f"{backend.get('selection', {}).get('threads', '?')} threads)", "",
-                  "| image | system | conc. | req/s | p50 ms | p90 ms | p99 ms | errors | wrk CPU % |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| image | system | conc. | req/s | p50 ms | p90 ms | p99 ms | errors | wrk CPU % | machine busy % |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for row in result["rows"]:
             lines.append(f"| {row['image']} | {row['system']} | {row['concurrency']} | {fmt(row['rps'])} | {fmt(row['p50_ms'])} "
-                         f"| {fmt(row['p90_ms'])} | {fmt(row['p99_ms'])} | {row['errors']} | {fmt(row.get('loadgen_cpu_pct'))} |")
+                         f"| {fmt(row['p90_ms'])} | {fmt(row['p99_ms'])} | {row['errors']} | {fmt(row.get('loadgen_cpu_pct'))} "
+                         f"| {fmt(row.get('machine_busy_pct'))} |")
         for option, lossy in result["lossy"].items():
             lines += ["", f"Lossy `{OPTION_FLAGS[option]}` over the {lossy['images']} benchmark images: {effect_line(lossy)}."]
         cost = (result.get("int8_backend") or {}).get("quantization")

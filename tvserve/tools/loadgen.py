@@ -42,17 +42,20 @@ def wrk_path() -> str:
 
 def run_wrk(url: str, body: Path, *, concurrency: int, duration: float, timeout_s: int = 60, headers: dict = None) -> dict:
     """One wrk run; returns {"rps", "p50_ms", "p90_ms", "p99_ms", "max_ms", "requests", "errors",
-    "loadgen_cpu_pct"} (CPU: wrk's user+system time over the run's wall time, in % of one core).
+    "loadgen_cpu_pct", "machine_busy_pct"} (CPU: wrk's user+system time over the run's wall time, in
+    % of one core; busy: the whole machine's non-idle share of every core over the run, /proc/stat).
     `headers` may hold an Authorization header (client.bearer(token)); no other header is sent."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(WRK_SCRIPT)
     try:
         command = [wrk_path(), "-t", str(min(concurrency, 2)), "-c", str(concurrency), "-d", f"{max(1, round(duration))}s",
                    "--timeout", f"{timeout_s}s", "-s", script.name, url]
+        busy = BusyMeter()
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                    env={**os.environ, "TVSERVE_BODY": str(body), **authorization_env(headers)})
         output = process.stdout.read()
         _, status, usage = os.wait4(process.pid, 0)
+        busy_pct = busy.percent()
         process.returncode = os.waitstatus_to_exitcode(status)
     finally:
         os.unlink(script.name)
@@ -67,7 +70,33 @@ def run_wrk(url: str, body: Path, *, concurrency: int, duration: float, timeout_
         "p50_ms": result["p50_us"] / 1000, "p90_ms": result["p90_us"] / 1000, "p99_ms": result["p99_us"] / 1000,
         "max_ms": result["max_us"] / 1000, "requests": result["requests"], "errors": errors,
         "loadgen_cpu_pct": round(100 * (usage.ru_utime + usage.ru_stime) / seconds, 1),
+        "machine_busy_pct": busy_pct,
     }
+
+
+class BusyMeter:
+    """How busy the whole machine was since this was made: the share of every core's time that was
+    not idle or waiting on I/O (Linux /proc/stat's first line), in %; None where /proc/stat is missing."""
+
+    def __init__(self):
+        self.start = cpu_times()
+
+    def percent(self):
+        end = cpu_times()
+        if self.start is None or end is None:
+            return None
+        spent = [b - a for a, b in zip(self.start, end)]
+        idle = spent[3] + spent[4]  # idle, iowait
+        return round(100 * (sum(spent) - idle) / sum(spent), 1) if sum(spent) else None
+
+
+def cpu_times():
+    """The machine's CPU times (user, nice, system, idle, iowait, irq, softirq, steal), in ticks."""
+    try:
+        with open("/proc/stat") as stat:
+            return [int(value) for value in stat.readline().split()[1:9]]
+    except OSError:
+        return None
 
 
 def authorization_env(headers: dict = None) -> dict:
