@@ -54,7 +54,8 @@ def cli_reference() -> str:
     from tvserve.cli import get_parser
 
     parser = get_parser(with_training=True)
-    return "\n".join(command_sections(parser, "tvserve", help_line=f"```text\n{parser.description.strip()}\n```"))
+    text = "\n".join(command_sections(parser, "tvserve", help_line=f"```text\n{parser.description.strip()}\n```"))
+    return text.replace(f"{REPO}/", "")  # defaults that are paths in this checkout, as paths in any checkout
 
 
 def command_sections(parser, path: str, help_line):
