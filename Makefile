@@ -8,14 +8,14 @@ INSTALLED := $(VENV)/.installed
 # pip's local-mirror notices ("... is ignored") say nothing about the install: keep them out.
 PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup serve test archives clean image image-test bench bench-smoke cluster-test deploy-check gpu-pack gpu-check
+.PHONY: setup serve test docs archives clean image image-test bench bench-smoke cluster-test deploy-check gpu-pack gpu-check
 
 $(INSTALLED): pyproject.toml
 	@scripts/check_java.sh
 	@command -v $(PYTHON) >/dev/null || { echo "tvserve needs $(PYTHON): install Python 3.11 and retry." >&2; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "Installing tvserve and its pinned dependencies into $(VENV) (first run: several minutes) ..."
-	$(BIN)/pip install -q -e '.[test]' $(PIP_QUIET)
+	$(BIN)/pip install -q -e '.[test,docs]' $(PIP_QUIET)
 	@touch $@
 
 setup: $(INSTALLED)
@@ -29,6 +29,9 @@ serve: archives  ## TorchServe in the foreground on 127.0.0.1:8080/8081/8082; Ct
 test: setup  ## the whole suite, against real TorchServe processes on free loopback ports
 	@scripts/check_java.sh
 	$(BIN)/pytest
+
+docs: setup  ## the documentation site, docs/ -> .tvserve/site/ (MkDocs; --strict: no broken link or anchor)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict  # (the variable quiets Material's notice about MkDocs 2.0)
 
 bench: setup  ## in-process vs tvserve vs stock TorchServe, side by side (~20 min); writes benchmarks/latest.md
 	$(BIN)/tvserve bench

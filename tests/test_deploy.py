@@ -175,8 +175,8 @@ def test_the_keys_come_from_a_secret_mounted_read_only_where_the_server_reads_th
     assert volume["secret"]["secretName"] == "tvserve-keys" and volume["secret"]["optional"] is False
     assert volume["secret"]["defaultMode"] & 0o007 == 0  # nothing for the world
     assert "items" not in volume["secret"]  # each key of the Secret is a file named as the key
-    readme = (REPO / "README.md").read_text()
-    assert all(f"--from-literal={name}=" in readme for name in keys_file_names())  # README's Secret has those keys
+    guide = (REPO / "docs/deploying.md").read_text()
+    assert all(f"--from-literal={name}=" in guide for name in keys_file_names())  # the docs' Secret has those keys
     assert not [m for m in container["volumeMounts"] if m["mountPath"] != folder and folder.startswith(m["mountPath"])]
 
 
