@@ -445,7 +445,7 @@ def markdown(report: dict, command: str) -> str:
         if result.get("batches"):
             lines += ["", *batch_markdown(model, result["batches"])]
     lines += ["", "### Targets", "", "| target | measured | goal | met |", "| --- | --- | --- | --- |"]
-    lines += [f"| {t['target']} | {fmt(t['ratio'])} | {t['goal']} | {'-' if t['met'] is None else 'yes' if t['met'] else 'no'} |"
+    lines += [f"| {t['target']} | {t['ratio'] if t['ratio'] is not None else '-'} | {t['goal']} | {'-' if t['met'] is None else 'yes' if t['met'] else 'no'} |"
               for t in report["targets"]]
     return "\n".join(lines) + "\n"
 
