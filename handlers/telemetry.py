@@ -14,6 +14,7 @@ model_version. Histograms use the Prometheus client's default buckets (5 ms to 1
 """
 
 import logging
+import os
 import time
 
 from ts.metrics.dimension import Dimension
@@ -22,13 +23,14 @@ from ts.metrics.metric_type_enum import MetricTypes
 log = logging.getLogger(__name__)
 
 ARRIVAL_HEADER = "tvserve-received-ms"  # set by the frontend plugin: epoch milliseconds at arrival
+ENV = "TVSERVE_METRICS"  # "off": the worker reports no tvserve_* metric (to measure what they cost)
 
 
 class Telemetry:
     """Emits one model version's metrics through a TorchServe context's metrics cache."""
 
     def __init__(self, context):
-        self.metrics = getattr(context, "metrics", None)
+        self.metrics = getattr(context, "metrics", None) if os.environ.get(ENV, "on") != "off" else None
         self.model = getattr(context, "model_name", None)
         manifest = getattr(context, "manifest", None) or {}
         self.version = str(manifest.get("model", {}).get("modelVersion", "1.0"))
