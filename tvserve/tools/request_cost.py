@@ -27,11 +27,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in a worker (tvserve/o
 
 import argparse
 import contextlib
+import fcntl
 import json
 import logging
 import socket
 import struct
-import threading
 import time
 import uuid
 import zipfile
@@ -61,6 +61,7 @@ VARIANTS = {
     "logs off": ({"tvserve_lean_logs": "false"}, {}),  # + vmargs naming SILENT_LOG4J2, set in serve_variant
 }
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
 # ---------------------------------------------------------------- in-process: the worker's path
@@ -71,9 +72,29 @@ class Stages:
 
     def __init__(self, clock=time.process_time):
         self.clock, self.totals, self.stack, self.mark = clock, defaultdict(float), [], 0.0
+        self.calls = defaultdict(int)
+
+    def clear(self):
+        self.totals.clear()
+        self.calls.clear()
+
+    def per_call_overhead(self, n: int = 20000) -> float:
+        """CPU s that timing one call adds to its own stage (two clock reads and the bookkeeping)."""
+        probe = Stages(self.clock)
+        nothing = probe.wrap("inner", lambda: None)
+        with probe.stage("outer"):
+            for _ in range(n):
+                nothing()
+        return probe.totals["inner"] / n
+
+    def corrected(self) -> dict:
+        """{stage: CPU s} less what timing its calls added."""
+        overhead = self.per_call_overhead()
+        return {name: max(total - self.calls[name] * overhead, 0.0) for name, total in self.totals.items()}
 
     @contextlib.contextmanager
     def stage(self, name: str):
+        self.calls[name] += 1
         now = self.clock()
         if self.stack:
             self.totals[self.stack[-1]] += now - self.mark
@@ -118,15 +139,10 @@ def frontend_message(body: bytes, host: str = "127.0.0.1:8080") -> bytes:
     return frame + struct.pack("!i", -1)
 
 
-class Drain(threading.Thread):
-    """Reads and drops what is written to `fd` (the frontend's side of a pipe or socket)."""
-
-    def __init__(self, fd):
-        super().__init__(daemon=True)
-        self.fd = fd
-
-    def run(self):
-        while os.read(self.fd, 1 << 16):
+def drain(fd: int) -> None:
+    """Reads what is waiting on non-blocking `fd` (the frontend's side of a pipe or socket)."""
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 1 << 20):
             pass
 
 
@@ -157,8 +173,12 @@ def in_process(mar: Path, folder: Path, image: bytes, seconds: float) -> dict:
 
     service, handler = worker_service(mar, folder)
     stages = Stages()
-    read_fd, write_fd = os.pipe()  # the worker's stdout, where its log and [METRICS] lines go
-    Drain(read_fd).start()
+    # The worker's stdout, where its log and [METRICS] lines go, and its socket to the frontend: both
+    # large enough for a request's bytes, read between requests, so that no other thread of this
+    # process runs while the worker's stages are timed (process CPU time counts every thread).
+    read_fd, write_fd = os.pipe()
+    fcntl.fcntl(write_fd, F_SETPIPE_SZ, 1 << 20)
+    os.set_blocking(read_fd, False)
     root = logging.getLogger()
     console = logging.StreamHandler(os.fdopen(write_fd, "w"))
     console.setFormatter(logging.Formatter("%(message)s"))  # ts/model_service_worker.py's
@@ -187,19 +207,21 @@ def in_process(mar: Path, folder: Path, image: bytes, seconds: float) -> dict:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     service.set_cl_socket(worker)
     message = frontend_message(image)
-    answers = Drain(frontend.fileno())
-    answers.start()
+    frontend.setblocking(False)
 
     def one_request():
         frontend.sendall(message)  # the frontend's side: not timed
         with stages.stage("message protocol"):
             _, batch = otf.retrieve_msg(worker)
             worker.sendall(service.predict(batch))
+        console.flush()
+        drain(read_fd)
+        drain(frontend.fileno())
 
     try:
         for _ in range(3):
             one_request()
-        stages.totals.clear()
+        stages.clear()
         count, end = 0, time.perf_counter() + seconds
         while time.perf_counter() < end or count < 20:
             one_request()
@@ -211,7 +233,7 @@ def in_process(mar: Path, folder: Path, image: bytes, seconds: float) -> dict:
         worker.close()
         frontend.close()
         console.close()
-    return {"requests": count, **{stage: 1000 * total / count for stage, total in stages.totals.items()}}
+    return {"requests": count, **{stage: 1000 * total / count for stage, total in stages.corrected().items()}}
 
 
 # ---------------------------------------------------------------- served: TorchServe under load
