@@ -61,6 +61,7 @@ VARIANTS = {
     "logs off": ({"tvserve_lean_logs": "false"}, {}),  # + vmargs naming SILENT_LOG4J2, set in serve_variant
 }
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+IDLE_SECONDS = 5.0  # after the load: what the server's processes burn with no request (timers, GC)
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
@@ -295,12 +296,17 @@ def serve_variant(variant: str, store: Path, model: str, body: Path, work: Path,
         after = {role: sum(proc_cpu(pid) for pid in found) for role, found in pids.items()}
         time.sleep(1.0)  # the last lines reach the logs
         after_logs = log_sizes(server)
+        idle_start = {role: sum(proc_cpu(pid) for pid in found) for role, found in pids.items()}
+        time.sleep(IDLE_SECONDS)
+        idle = {f"{role}_idle_ms_per_s": 1000 * (sum(proc_cpu(pid) for pid in found) - idle_start[role]) / IDLE_SECONDS
+                for role, found in pids.items()}
     requests = result["requests"]
     cpu = {f"{role}_ms": 1000 * (after[role] - before[role]) / requests for role in after}
     logged = {name: {"lines": (after_logs[name][0] - before_logs[name][0]) / requests,
                      "bytes": (after_logs[name][1] - before_logs[name][1]) / requests} for name in LOG_FILES}
     return {"variant": variant, "requests": requests, "errors": result["errors"], "rps": result["rps"],
-            "p50_ms": result["p50_ms"], "load_average": [round(value, 2) for value in load], **cpu, "logs": logged}
+            "p50_ms": result["p50_ms"], "load_average": [round(value, 2) for value in load], **cpu, **idle,
+            "logs": logged}
 
 
 # ---------------------------------------------------------------- the report
@@ -349,8 +355,13 @@ def rows(report: dict) -> list:
         x, y = served(model, a), served(model, b)
         return x and y and x[key] - y[key]
 
+    def idle_share(model):
+        row = served(model, "shipped")
+        return row and row["frontend_idle_ms_per_s"] / row["rps"]
+
     table = [("frontend (Java), all", "java CPU / requests, wrk load",
               {m: (served(m, "shipped") or {}).get("frontend_ms") for m in models}),
+             ("frontend: idle background", "java CPU with no load, per s / req/s", {m: idle_share(m) for m in models}),
              ("frontend: parsing tvserve's metrics", "java CPU: shipped - TVSERVE_METRICS=off",
               {m: diff(m, "frontend_ms", "shipped", "metrics off") for m in models}),
              ("frontend: logging", "java CPU: shipped - every log off",
