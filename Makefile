@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 # pip's local-mirror notices ("... is ignored") say nothing about the install: keep them out.
 PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: setup serve test docs archives clean image image-test bench bench-smoke cluster-test deploy-check gpu-pack gpu-check
+.PHONY: setup serve test docs archives clean image image-test bench bench-smoke request-cost cluster-test deploy-check gpu-pack gpu-check
 
 $(INSTALLED): pyproject.toml
 	@scripts/check_java.sh
@@ -35,6 +35,9 @@ docs: setup  ## the documentation site, docs/ -> .tvserve/site/ (MkDocs; --stric
 
 bench: setup  ## in-process vs tvserve vs stock TorchServe, side by side (~20 min); writes benchmarks/latest.md
 	$(BIN)/tvserve bench
+
+request-cost: setup  ## CPU ms per request, stage by stage, Net and resnet18 (~5 min); writes benchmarks/request_cost.md
+	$(BIN)/python -m tvserve.tools.request_cost
 
 bench-smoke: setup  ## a seconds-long bench run that checks the harness works (CI)
 	$(BIN)/tvserve bench --smoke

@@ -177,7 +177,10 @@ class TvserveHandler:
         if context.get_request_header(0, "describe") == "True":  # GET /models/NAME?customized=true
             return [json.dumps(self.record.to_dict())]
         with busy_marker():
-            return self.handle_batch(data, context)
+            try:
+                return self.handle_batch(data, context)
+            finally:
+                self.telemetry.flush()  # the batch's metrics, in one write (handlers/telemetry.py)
 
     def respond(self, context, idx: int, body, content_type: str, headers: dict = None):
         context.set_response_content_type(idx, content_type)

@@ -10,6 +10,15 @@ keeps the same files, each line once: every request in access_log.log, TorchServ
 ts_metrics.log and model_metrics.log, the workers' output in model_log.log, and TorchServe's
 own messages from INFO up in ts_log.log, less the per-request ones of its batch aggregator and
 jobs; warnings and errors also go to the console (console.log).
+
+It also drops the INFO lines TorchServe writes for every batch that say nothing /metrics and the
+access log do not (tvserve/tools/request_cost.py measures what they cost): the frontend's echo
+of each `[METRICS]` line a worker prints ("result=..., pattern=[METRICS]", about 250 bytes each,
+seven a request of the book's Net, the bulk of ts_log.log), its "Looping backend response at" and
+"Backend response time" (ts_inference_latency_microseconds and the access log's time hold it),
+and the worker's "Backend received inference at" in model_log.log. Each is matched on the
+message's format before it is formatted (log4j2's RegexFilter with useRawMsg), so the lines
+dropped cost no formatting or write; every other line of those loggers is kept.
 """
 
 import gzip
@@ -35,15 +44,25 @@ LOGGERS = [  # (logger, level, appender); none adds to the root logger's appende
     ("ACCESS_LOG", "info", "access_log"), ("MODEL_LOG", "info", "model_log"),
     ("MODEL_METRICS", "info", "model_metrics"), ("TS_METRICS", "info", "ts_metrics"),
     ("org.pytorch.serve", "info", "ts_log"), ("org.pytorch.serve.wlm.BatchAggregator", "warn", "ts_log"),
+    ("org.pytorch.serve.wlm.WorkerLifeCycle", "info", "ts_log"), ("org.pytorch.serve.wlm.WorkerThread", "info", "ts_log"),
     ("org.pytorch.serve.job", "warn", "ts_log"), ("io.netty", "error", "ts_log"),
 ]
+# The per-batch lines dropped (see above): {logger: regex matching the whole of a message's format}.
+# The formats are TorchServe 0.12's (frontend WorkerLifeCycle.java, WorkerThread.java; the worker's
+# ts/protocol/otf_message_handler.py).
+DROPPED = {
+    "org.pytorch.serve.wlm.WorkerLifeCycle": r"result=\{\}, pattern=\{\}",
+    "org.pytorch.serve.wlm.WorkerThread": r"(Looping backend response at|Backend response time): \{\}",
+    "MODEL_LOG": r"Backend received inference at: \d+",
+}
 
 
 def log4j2_xml() -> str:
     appenders = "".join(ROLLING_FILE.format(name=name, folder=folder, pattern=pattern)
                         for name, (folder, pattern) in FILES.items())
-    loggers = "".join(f'\n    <Logger name="{name}" level="{level}" additivity="false"><AppenderRef ref="{ref}"/>'
-                      f'<AppenderRef ref="console" level="warn"/></Logger>' for name, level, ref in LOGGERS)
+    loggers = "".join(f'\n    <Logger name="{name}" level="{level}" additivity="false">{dropped(name)}'
+                      f'<AppenderRef ref="{ref}"/><AppenderRef ref="console" level="warn"/></Logger>'
+                      for name, level, ref in LOGGERS)
     return f"""<?xml version="1.0" encoding="UTF-8"?>
 <Configuration>
   <Appenders>
@@ -55,6 +74,13 @@ def log4j2_xml() -> str:
   </Loggers>
 </Configuration>
 """
+
+
+def dropped(logger: str) -> str:
+    """The filter that drops `logger`'s lines of DROPPED, matched before formatting ("" for none)."""
+    if logger not in DROPPED:
+        return ""
+    return f'<RegexFilter regex="{DROPPED[logger]}" useRawMsg="true" onMatch="DENY" onMismatch="NEUTRAL"/>'
 
 
 def read_bytes(path: Path) -> bytes:
