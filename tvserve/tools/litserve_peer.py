@@ -17,7 +17,6 @@ tvserve's /predictions takes it, so wrk posts the same file to both.
 
 import argparse
 import logging
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -25,6 +24,7 @@ import litserve as ls
 import torch
 from fastapi import Body
 
+from handlers.budget import cores_per_worker
 from handlers.devices import PilPreprocessing
 from handlers.errors import RequestError
 from handlers.models import load_model
@@ -85,12 +85,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1, help="inference worker processes")
     parser.add_argument("--batch", type=int, default=1, help="LitServe's max_batch_size")
     parser.add_argument("--batch-timeout", type=float, default=BATCH_TIMEOUT, help="s a worker waits to fill a batch")
-    parser.add_argument("--threads", type=int, help="torch threads per worker (default: cores // workers)")
+    parser.add_argument("--threads", type=int, help="torch threads per worker (default: cores // workers, as "
+                        "tvserve's workers share them; TVSERVE_CPUS sets the cores)")
     return parser
 
 
 def main(args) -> None:
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    threads = args.threads or cores_per_worker(args.workers)
     api = ArchiveClassifier(args.model_dir, threads, max_batch_size=args.batch,
                             batch_timeout=args.batch_timeout if args.batch > 1 else 0.0)
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=args.workers, timeout=60)
