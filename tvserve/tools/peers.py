@@ -26,7 +26,7 @@ LITSERVE_VERSION = "0.2.19"  # the one measured against; pyproject's `peers` ext
 LITSERVE_INSTALL = ".venv/bin/pip install -e '.[peers]'"
 LITSERVE_SETUPS = ((1, 1), (2, 1), (1, 4), (2, 4))  # (workers, max batch size), as issue #22 names them
 STARTUP_SECONDS = 180  # spawn the workers, import torch, load the model: on a busy 2-core box, a minute or more
-STOP_SECONDS = 20
+STOP_SECONDS = 45  # LitServe's own shutdown: uvicorn waits up to 30 s for open requests, then 5 s per worker
 
 
 def require_litserve() -> None:
@@ -83,7 +83,8 @@ class LitServePeer:
         command += ["--threads", str(self.threads)] if self.threads else []
         self.console = open(self.workdir / "console.log", "ab")
         self.process = subprocess.Popen(command, cwd=self.workdir, start_new_session=True, stdout=self.console,
-                                        stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": checkout_path()})
+                                        stderr=subprocess.STDOUT,
+                                        env={**os.environ, "PYTHONPATH": checkout_path(), "PYTHONUNBUFFERED": "1"})
         log.info("LitServe (%d workers, batch %d) starting on %s, pid %d", self.workers, self.batch, self.url,
                  self.process.pid)
         return self
@@ -116,11 +117,14 @@ class LitServePeer:
         if self.process is None:
             return
         if self.process.poll() is None:
+            began = time.monotonic()
             os.kill(self.process.pid, signal.SIGINT)
             try:
                 self.process.wait(timeout)
+                log.info("LitServe stopped in %.1f s", time.monotonic() - began)
             except subprocess.TimeoutExpired:
-                log.warning("LitServe did not stop in %.0f s: killing it", timeout)
+                log.warning("LitServe did not stop in %.0f s: killing it (its log: %s)", timeout,
+                            self.workdir / "console.log")
         try:
             os.killpg(self.process.pid, signal.SIGKILL)  # spawned workers that outlived it, if any
         except ProcessLookupError:
