@@ -504,7 +504,8 @@ def get_parser(with_training: bool = True):
     bench.add_argument("--no-http", action="store_true", help="in-process rows only (no Java or wrk here)")
     bench.add_argument("--systems", default="tvserve,serial,draft,int8,stock", help="comma-separated: tvserve (fp32, "
                        "always) and serial (the worker without its pipeline: batches of 1, no prepare pool), draft "
-                       "(--jpeg-draft), tensor (--gpu-decode), int8 (--precision int8), stock (TorchServe's own handler)")
+                       "(--jpeg-draft), tensor (--gpu-decode), int8 (--precision int8), stock (TorchServe's own handler), "
+                       "litserve (LitServe 0.2.19, 1-2 workers, batch 1 and 4; needs `pip install -e '.[peers]'`)")
     bench.add_argument("--calibration", type=Path, help="int8 calibration images for the torchvision model (default: "
                        "crops of the benchmark photos, timing only)")
     bench.add_argument("--batches", help="in-process rows by batch size, handler pipeline against forward only, e.g. "
