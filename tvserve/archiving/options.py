@@ -11,7 +11,7 @@ from handlers.runtimes import RUNTIMES, backends_of
 from tvserve import TvserveError
 
 DEFAULT_VERSION = "1.0"
-DEFAULT_MAX_BATCH_DELAY = 1  # ms: the most an idle server adds; a backlog fills batches at once (see README)
+DEFAULT_MAX_BATCH_DELAY = 1  # ms: the most an idle server adds; a backlog fills batches at once (docs/performance.md)
 
 
 @dataclass

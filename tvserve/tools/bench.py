@@ -548,7 +548,7 @@ WIDE_COLUMNS = (("(a) forward", "(a) forward,"), ("(a) int8", "(a) forward int8,
 
 def wide_table(rows: list) -> list:
     """Markdown lines: one row per image and concurrency, one column per system (those measured):
-    req/s, and p50 / p99 ms for the HTTP ones (the README's Performance table)."""
+    req/s, and p50 / p99 ms for the HTTP ones (docs/performance.md, "Latest figures")."""
     def cell(image, concurrency, prefix):
         row = next((r for r in rows if r["image"] == image and r["concurrency"] == concurrency
                     and (r["system"] == prefix or r["system"].startswith(prefix) and prefix.endswith(",")
