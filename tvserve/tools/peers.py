@@ -19,6 +19,7 @@ import requests
 
 from tvserve import TvserveError
 from tvserve.ops.properties import free_port
+from tvserve.ops.server import RunsInBlock
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def litserve_name(workers: int, batch: int) -> str:
     return f"(e) litserve, {workers} worker{'s' if workers > 1 else ''}, batch {batch}"
 
 
-class LitServePeer:
+class LitServePeer(RunsInBlock):
     """One LitServe process tree serving the unpacked archive `model_dir` on a free loopback port, in
     its own session, its output in `workdir`/console.log; `threads` per worker (default: cores //
     workers). As a context manager: started and ready inside, stopped after."""
@@ -61,18 +62,6 @@ class LitServePeer:
     @property
     def predict_url(self) -> str:
         return f"{self.url}/predict"
-
-    def __enter__(self) -> "LitServePeer":
-        self.start()
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc_info):
-        self.stop()
 
     def start(self) -> "LitServePeer":
         require_litserve()
