@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from handlers.budget import prepare_threads, thread_budget
-from handlers.devices import PREPROCESSORS, decode_choice, model_device
+from handlers.devices import model_device, preprocessor_for
 from handlers.errors import RequestError
 from handlers.explanations import Explainer
 from handlers.models import load_model
@@ -93,7 +93,7 @@ class TvserveHandler:
         self.backend, self.runner = load_backend(model_dir, self.record, threads, device, self.precision)
         self.task = get_task(self.record.task, self.record.labels, self.record.keypoint_names)
         self.protocol = PROTOCOLS[DEFAULT_PROTOCOL]
-        self.preprocessor = PREPROCESSORS[decode_choice(self.record.preset)](self.record.preset, device)
+        self.preprocessor = preprocessor_for(self.record.task, self.record.preset, device)
         self.prepare_pool = PreparePool(self.preprocessor, prepare_threads(model_config, threads))
         self.forward_early = device == "cpu"  # see handle_batch
         self.model_dir, self.explainer = model_dir, None  # the explainer is loaded on first use
@@ -127,6 +127,8 @@ class TvserveHandler:
                                f"Explanations are for classification models; {self.record.name} is a {self.task.name} model.")
         if decoded.action == "metadata":
             return decoded, {}
+        if hasattr(self.task, "inputs"):  # a clip, or a pair of images: one input of the model
+            decoded.images = self.task.inputs(decoded.images)
         return decoded, self.task.parse_options(decoded.options)
 
     @staticmethod
