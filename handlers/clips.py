@@ -36,6 +36,7 @@ MAX_CLIP_BYTES = 32 * 1024 * 1024  # under TorchServe's max_request_size (64 MiB
 MAX_CLIP_SECONDS = 30.0  # r3d_18 at 15 fps: 450 frames, 29 windows, ~10 s of forward on 2 cores
 MAX_FRAME_PIXELS = 3840 * 2160  # a 4K frame
 DECODE_CHUNK = 16  # frames decoded at full size at once, then resized (a 4K chunk: 400 MB)
+TIME_EPSILON = 1e-6  # s: a sample time on a frame's start picks that frame, whatever the float rounding
 CONTAINERS = ("MP4", "WebM", "GIF")  # what FFmpeg is handed: sniffed from the first bytes, nothing else
 
 
@@ -116,7 +117,7 @@ class ClipDecoder:
         decoder, begin, seconds = open_container(data)
         if seconds > MAX_CLIP_SECONDS:
             raise too_long(seconds, container_of(data))
-        times = [begin + k / self.frame_rate for k in range(sample_count(seconds, self.frame_rate))]
+        times = [begin + k / self.frame_rate + TIME_EPSILON for k in range(sample_count(seconds, self.frame_rate))]
         chunks = []
         for first in range(0, len(times), DECODE_CHUNK):
             try:
