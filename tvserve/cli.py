@@ -106,6 +106,13 @@ def cmd_archive_custom(args):
     ))
 
 
+def side(value) -> str:
+    """A preset's resize or crop as shown: 224, 128x171 (a video preset's [height, width]), or -."""
+    if not value:
+        return "-"
+    return "x".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def cmd_zoo(args):
     from tvserve.archiving.zoo import zoo
 
@@ -121,7 +128,7 @@ def cmd_zoo(args):
         for row in task_rows:
             value = f"{row['value']:.2f}" if row["value"] is not None else "-"
             weights = row["weights"] + (" (default)" if row["default"] else "")
-            size = f"{row['resize'] or '-':>5}/{row['crop'] or '-':<5}"
+            size = f"{side(row['resize']):>5}/{side(row['crop']):<5}"
             print(f"{row['model']:<38} {weights:<36} {row['params']:>12,} {size} {row['interpolation'] or '-':>8} "
                   f"{value:>9}")
     print(f"\n{len({row['model'] for row in rows})} models, {len(rows)} weights")
