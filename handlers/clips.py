@@ -137,7 +137,7 @@ class ClipDecoder:
         if len(sizes) > 1:
             raise RequestError(400, "FrameSizesDiffer", f"The frames have {len(sizes)} different sizes "
                                f"({', '.join(f'{w}x{h}' for w, h in sorted(sizes))}): send frames of one size.")
-        frames = torch.stack([torch.from_numpy(np.asarray(picture)).permute(2, 0, 1) for picture in pictures])
+        frames = torch.stack([torch.from_numpy(np.array(picture)).permute(2, 0, 1) for picture in pictures])
         return torch.cat([self.geometry(frames[first:first + DECODE_CHUNK])
                           for first in range(0, len(frames), DECODE_CHUNK)])
 

@@ -10,6 +10,10 @@ normalise), `ObjectDetection` neither "resize", "crop" nor "mean"/"std" (uint8 t
 The same steps also run on uint8 image tensors (`pil=False`: the tensor path of handlers/devices.py,
 on the worker's device), as torchvision's presets do; there the resize is not PIL's, so the inputs
 differ from PIL's by a few uint8 levels (measured in the README).
+A video preset (torchvision's `VideoClassification`) runs on uint8 frame tensors as torchvision's
+does, in two halves: each frame's resize (no antialiasing) and crop as it is decoded
+(video_geometry), then a window's normalisation (video_window); together they equal the weights'
+`transforms()` on the whole clip (tests/test_video_flow.py).
 """
 
 import torch

@@ -118,9 +118,10 @@ class TvserveHandler:
         """One request -> (Decoded: its action and encoded images, options: the task's), before any
         image is decoded. Raises RequestError for client mistakes."""
         if protocol.name not in self.task.protocols:
+            routes = {"predictions": f"/predictions/{self.record.name}", "v2": "OIP v2 (/v2)", "v1": "KServe v1 (/v1)"}
             raise RequestError(400, "UnsupportedProtocol",
                                f"{self.record.name} is a {self.task.name} model: it answers on "
-                               f"/predictions/{self.record.name} only.")
+                               f"{' and '.join(routes[name] for name in self.task.protocols)} only.")
         decoded = protocol.decode(request, headers, self.task)
         if decoded.action == "explain" and not hasattr(self.task, "explain_target"):
             raise RequestError(400, "UnsupportedExplanation",

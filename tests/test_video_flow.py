@@ -166,7 +166,7 @@ def assert_same_answer(response, expected: torch.Tensor, windows: int):
     ours = served_probabilities(response)
     assert (ours - expected).abs().max().item() <= PARITY_TOLERANCE
     top = expected.topk(6)
-    assert (top.values[:-1] - top.values[1:]).min() > 5 * PARITY_TOLERANCE  # an order float noise cannot change
+    assert (top.values[:-1] - top.values[1:]).min() > 2 * PARITY_TOLERANCE  # within the tolerance, an order kept
     assert [item["index"] for item in body["predictions"][:5]] == top.indices[:5].tolist()
 
 
@@ -208,7 +208,7 @@ def test_frames_as_multipart_gif_and_oip_pixels_answer_alike(server, served, vid
     gif = io.BytesIO()  # GIF's palette: lossy, so its own frames are the reference
     pictures = [Image.fromarray(frame.permute(1, 2, 0).numpy()) for frame in frames]
     pictures[0].save(gif, "GIF", save_all=True, append_images=pictures[1:], duration=100, loop=0)
-    gif_frames = torch.stack([torch.from_numpy(np.asarray(picture.convert("RGB"))).permute(2, 0, 1)
+    gif_frames = torch.stack([torch.from_numpy(np.array(picture.convert("RGB"))).permute(2, 0, 1)
                               for picture in decoded_gif(gif.getvalue())])
     expected = reference_probabilities(reference_windows(gif_frames, 10, get_model_weights(VIDEO).DEFAULT),
                                        video_weights)
