@@ -250,7 +250,7 @@ class PairPreprocessing(Preprocessing):
         if images[0].width * images[0].height > MAX_PAIR_PIXELS:
             raise RequestError(413, "ImageTooLarge", f"The images are {images[0].width}x{images[0].height} = "
                                f"{images[0].width * images[0].height} pixels; the limit for optical flow is "
-                               f"{MAX_PAIR_PIXELS} (1280x720). Send smaller frames.")
+                               f"{MAX_PAIR_PIXELS} (1024x576). Send smaller frames.")
         return images
 
     def transform(self, images: list) -> torch.Tensor:

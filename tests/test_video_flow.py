@@ -21,7 +21,7 @@ from torchvision.models import get_model_weights
 from torchvision.utils import flow_to_image
 
 from conftest import PHOTOS
-from helpers import REPO, post_image, run_tvserve
+from helpers import REPO, post_image
 from test_tasks import TASKS, torchvision_model
 from handlers.clips import MAX_CLIP_BYTES, MAX_CLIP_SECONDS, window_indices
 from handlers.devices import PairPreprocessing
@@ -32,6 +32,7 @@ from handlers.tasks.video_classification import PARITY_TOLERANCE
 from tvserve.archiving.mar import read_record
 from tvserve.archiving.options import ArchiveOptions
 from tvserve.archiving.sources import archive_torchvision
+from tvserve import cli
 from tvserve.archiving.zoo import preset_of
 from tvserve.ops import client
 from tvserve.tools.draw import STRIP_FRAMES, STRIP_HEIGHT
@@ -330,7 +331,7 @@ def test_flow_over_oip_pixels_answers_as_predictions(server, served, flow_weight
 @pytest.mark.parametrize("case", ["one_image", "sizes_differ", "too_large"])
 def test_flow_mistakes_get_their_status_and_say_why(server, served, case):
     first, second = flow_pair()
-    big = as_png(np.zeros((721, 1280, 3), np.uint8))
+    big = as_png(np.zeros((577, 1024, 3), np.uint8))
     files = {
         "one_image": [("image1", as_png(first))],
         "sizes_differ": [("image1", as_png(first)), ("image2", as_png(second[:-2]))],
@@ -339,40 +340,41 @@ def test_flow_mistakes_get_their_status_and_say_why(server, served, case):
     status, kind, words = {
         "one_image": (400, "NeedTwoImages", "this one carries 1"),
         "sizes_differ": (400, "ImageSizesDiffer", "150x130 and 150x128"),
-        "too_large": (413, "ImageTooLarge", f"the limit for optical flow is {MAX_PAIR_PIXELS} (1280x720)"),
+        "too_large": (413, "ImageTooLarge", f"the limit for optical flow is {MAX_PAIR_PIXELS} (1024x576)"),
     }[case]
     response = post_image(server, FLOW, files=files, timeout=120)
     assert response.status_code == status, response.text
     assert response.json()["type"] == kind and words in response.json()["message"]
 
 
-def test_predict_prints_and_draws_a_clip_and_a_pair(server, served, tmp_path):
-    """`tvserve predict` with the samples: a clip's labels and windows, drawn as a strip of frames;
-    a pair (--pairs) described by its motion, drawn beside the flow's colours."""
+def test_predict_prints_and_draws_a_clip_and_a_pair(server, served, tmp_path, capsys):
+    """`tvserve predict` (its code in this process) with the samples: a clip's labels and windows,
+    drawn as a strip of frames; a pair (--pairs) described by its motion, drawn beside the flow's colours."""
     clip = REPO / "samples" / "pan.mp4"
-    result = run_tvserve("predict", VIDEO, clip, "--url", server.inference_url, "--topk", "3",
-                         "--draw", tmp_path / "drawn", timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert len([line for line in result.stdout.splitlines() if line.strip().startswith("0.")]) == 3
-    assert "(30 frames sampled, 2 window(s))" in result.stdout
+    assert cli.main(["predict", VIDEO, str(clip), "--url", server.inference_url, "--topk", "3",
+                     "--draw", str(tmp_path / "drawn")]) == 0
+    printed = capsys.readouterr().out
+    assert len([line for line in printed.splitlines() if line.strip().startswith("0.")]) == 3
+    assert "(30 frames sampled, 2 window(s))" in printed
     strip = Image.open(tmp_path / "drawn" / f"pan.{VIDEO}.png")
     assert strip.height == STRIP_HEIGHT and strip.width == STRIP_FRAMES * round(192 * STRIP_HEIGHT / 144)
     first, second = REPO / "samples" / "pan-1.png", REPO / "samples" / "pan-2.png"
-    result = run_tvserve("predict", FLOW, first, second, "--pairs", "--url", server.inference_url,
-                         "--draw", tmp_path / "drawn", timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "flow 192x144: mean motion" in result.stdout
+    assert cli.main(["predict", FLOW, str(first), str(second), "--pairs", "--url", server.inference_url,
+                     "--draw", str(tmp_path / "drawn")]) == 0
+    assert "flow 192x144: mean motion" in capsys.readouterr().out
     drawn = np.asarray(Image.open(tmp_path / "drawn" / f"pan-1.{FLOW}.png"))
     assert drawn.shape == (144, 2 * 192, 3)
     assert np.array_equal(drawn[:, :192], np.asarray(Image.open(first).convert("RGB")))
-    odd = run_tvserve("predict", FLOW, first, "--pairs", "--url", server.inference_url)
-    assert odd.returncode != 0 and "--pairs takes the images two at a time" in odd.stderr
 
 
-def test_zoo_table_lists_the_video_and_flow_models():
-    result = run_tvserve("zoo")
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
+def test_pairs_take_an_even_number_of_images(capsys):
+    assert cli.main(["predict", FLOW, "samples/pan-1.png", "--pairs"]) == 1
+    assert "--pairs takes the images two at a time (first and second frame); got 1." in capsys.readouterr().err
+
+
+def test_zoo_table_lists_the_video_and_flow_models(capsys):
+    assert cli.main(["zoo"]) == 0
+    lines = capsys.readouterr().out.splitlines()
     assert "video classification (9 models)" in lines and "optical flow (2 models)" in lines
     r3d = next(line for line in lines if line.startswith("r3d_18 "))
     assert "128x171/112x112" in r3d and "63.20" in r3d  # the preset's [h, w] sizes, Kinetics-400 acc@1

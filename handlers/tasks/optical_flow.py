@@ -26,7 +26,8 @@ from handlers.errors import RequestError
 
 PARITY_TOLERANCE = 1e-4  # largest allowed |difference| of any flow value, in pixels, before float16
 MULTIPLE = 8  # RAFT's feature maps are 1/8 of the input: sizes must be multiples of 8
-MAX_PAIR_PIXELS = 1280 * 720  # per image: RAFT's correlation volume grows with its square (about 1 GB here)
+MAX_PAIR_PIXELS = 1024 * 576  # per image: RAFT's correlation volume grows with its square (0.5 GB here), and the
+# answer (float16 field and PNG, base64) stays under TorchServe's 8 MiB max_response_size even for a noisy flow
 
 
 
