@@ -30,8 +30,6 @@ MAX_PAIR_PIXELS = 1024 * 576  # per image: RAFT's correlation volume grows with 
 # answer (float16 field and PNG, base64) stays under TorchServe's 8 MiB max_response_size even for a noisy flow
 
 
-
-
 def padded_size(height: int, width: int, min_size: list) -> tuple:
     """The smallest (height, width) RAFT takes that holds the image: multiples of 8, at least min_size."""
     return tuple(max(math.ceil(side / MULTIPLE) * MULTIPLE, least) for side, least in zip((height, width), min_size))
