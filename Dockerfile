@@ -28,13 +28,15 @@ RUN mkdir -p /usr/share/man/man1 && apt-get update && apt-get install -y --no-in
 COPY model_store model_store
 RUN /opt/venv/bin/tvserve prepare --model-store model_store --runs /tmp/runs && rm -rf /tmp/runs
 
-# ---- runtime: Python, a Java 17 runtime, the environment and the archives; nothing else ----
+# ---- runtime: Python, a Java 17 runtime, FFmpeg's libraries (torchcodec decodes clips with them),
+# the environment and the archives; nothing else ----
 FROM ${BASE_IMAGE}
 # Debian's bookworm versions move with security updates: pinning them would break the build.
 # hadolint ignore=DL3008
 RUN mkdir -p /usr/share/man/man1 \
  && apt-get update \
  && apt-get install -y --no-install-recommends openjdk-17-jre-headless tini \
+    libavcodec59 libavformat59 libavutil57 libavdevice59 libavfilter8 libswscale6 libswresample4 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --uid 10001 --user-group --home-dir /var/lib/tvserve --shell /usr/sbin/nologin tvserve \
  && install -d -o tvserve -g tvserve -m 0700 /var/lib/tvserve

@@ -14,6 +14,7 @@ PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory"
 
 $(INSTALLED): pyproject.toml
 	@scripts/check_java.sh
+	@scripts/check_ffmpeg.sh
 	@command -v $(PYTHON) >/dev/null || { echo "tvserve needs $(PYTHON): install Python 3.11 and retry." >&2; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "Installing tvserve and its pinned dependencies into $(VENV) (first run: several minutes) ..."

@@ -12,6 +12,8 @@ of the batch are unaffected. Two are registered in PREPROCESSORS, chosen by the 
   the CPU), turned upright and resized, cropped and normalised as tensor ops on the worker's device
   (lossy: the resize is not PIL's). Whatever that decoder does not decode as PIL does (other
   formats, CMYK, oversize or refused bodies) takes the "pil" path, image by image.
+Tasks whose requests are not single images have their own (TASK_PREPROCESSORS): a video model's
+clip (handlers/clips.py), an optical-flow model's pair of images (PairPreprocessing).
 """
 
 import io
@@ -25,10 +27,12 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from handlers.clips import ClipPreprocessing
 from handlers.errors import RequestError
 from handlers.images import MAX_PIXELS, check_pixels, open_image, open_pixels
 from handlers.preprocessing import build_transform
 from handlers.record import DECODE_ENV, Preset
+from handlers.tasks.optical_flow import MAX_PAIR_PIXELS, pad, padded_size
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +221,55 @@ def tensor_orientation(data) -> int:
         return None
 
 
+class PairPreprocessing(Preprocessing):
+    """An optical-flow request's two images: each decoded by PIL (upright RGB) and normalised by
+    the preset, both of one size (at most MAX_PAIR_PIXELS), padded to the size RAFT takes
+    (handlers/tasks/optical_flow.py): (Tensor[2, 3, H', W'] float32, (height, width) as sent)."""
+
+    name = "pair"
+
+    def __init__(self, preset: Preset, device: str = "cpu"):
+        self.pil = PilPreprocessing(preset)
+        self.min_size = preset.min_size
+        self.device = torch.device(device)
+
+    def decode_batch(self, pairs: list) -> list:
+        return [value_or_error(self.decode, pair) for pair in pairs]
+
+    def decode(self, pair: list) -> list:
+        """[first, second] (encoded images or pixels) -> two upright RGB images of one size."""
+        images = []
+        for index, data in enumerate(pair):
+            try:
+                images.append(self.pil.decode(data))
+            except RequestError as err:
+                raise RequestError(err.status, err.type, f"Image {index}: {err.message}") from None
+        if images[0].size != images[1].size:
+            raise RequestError(400, "ImageSizesDiffer", f"The two images must have one size; they are "
+                               f"{images[0].width}x{images[0].height} and {images[1].width}x{images[1].height}.")
+        if images[0].width * images[0].height > MAX_PAIR_PIXELS:
+            raise RequestError(413, "ImageTooLarge", f"The images are {images[0].width}x{images[0].height} = "
+                               f"{images[0].width * images[0].height} pixels; the limit for optical flow is "
+                               f"{MAX_PAIR_PIXELS} (1024x576). Send smaller frames.")
+        return images
+
+    def transform(self, images: list) -> torch.Tensor:
+        pair = torch.stack([self.pil.transform(image) for image in images])
+        return pad(pair, padded_size(images[0].height, images[0].width, self.min_size)).to(self.device)
+
+    @staticmethod
+    def size(images: list) -> tuple:
+        return images[0].height, images[0].width
+
+
 PREPROCESSORS = {processor.name: processor for processor in (PilPreprocessing, TensorPreprocessing)}
+TASK_PREPROCESSORS = {"video_classification": ClipPreprocessing, "optical_flow": PairPreprocessing}  # their own inputs
+
+
+def preprocessor_for(task: str, preset: Preset, device: str):
+    """The worker's preprocessor: the task's own where its requests are not single images (a clip,
+    a pair of images), else the image decoding chosen (decode_choice)."""
+    return (TASK_PREPROCESSORS.get(task) or PREPROCESSORS[decode_choice(preset)])(preset, device)
 
 
 def decode_choice(preset: Preset) -> str:

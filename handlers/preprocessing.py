@@ -10,10 +10,15 @@ normalise), `ObjectDetection` neither "resize", "crop" nor "mean"/"std" (uint8 t
 The same steps also run on uint8 image tensors (`pil=False`: the tensor path of handlers/devices.py,
 on the worker's device), as torchvision's presets do; there the resize is not PIL's, so the inputs
 differ from PIL's by a few uint8 levels (measured in docs/gpu.md, "Decoding on the worker's device").
+A video preset (torchvision's `VideoClassification`) runs on uint8 frame tensors as torchvision's
+does, in two halves: each frame's resize (no antialiasing) and crop as it is decoded
+(video_geometry), then a window's normalisation (video_window); together they equal the weights'
+`transforms()` on the whole clip (tests/test_video_flow.py).
 """
 
 import torch
 from torchvision import transforms
+from torchvision.transforms import functional as F
 from torchvision.transforms import InterpolationMode
 
 INTERPOLATIONS = {mode.value: mode for mode in (
@@ -48,3 +53,24 @@ def build_transform(preset: dict, pil: bool = True) -> transforms.Compose:
         transforms.ConvertImageDtype(torch.float32),
         *normalise,
     ])
+
+
+def video_geometry(preset: dict):
+    """Frames Tensor[T, 3, H, W] uint8 -> Tensor[T, 3, crop_h, crop_w] uint8: torchvision's
+    VideoClassification resize (to [h, w], or the shorter side to [s]; bilinear without
+    antialiasing, as the weights were trained) and center crop, frame by frame."""
+    interpolation = INTERPOLATIONS[preset.get("interpolation") or "bilinear"]
+
+    def geometry(frames: torch.Tensor) -> torch.Tensor:
+        resized = F.resize(frames, list(preset["resize"]), interpolation=interpolation, antialias=False)
+        return F.center_crop(resized, list(preset["crop"]))
+    return geometry
+
+
+def video_window(preset: dict):
+    """One window of frames Tensor[T, 3, h, w] uint8 (video_geometry's) -> the model's input
+    Tensor[3, T, h, w] float32, normalised with the preset's mean/std: VideoClassification's last steps."""
+    def window(frames: torch.Tensor) -> torch.Tensor:
+        normalised = F.normalize(F.convert_image_dtype(frames, torch.float), mean=preset["mean"], std=preset["std"])
+        return normalised.permute(1, 0, 2, 3)
+    return window

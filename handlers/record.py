@@ -81,19 +81,27 @@ class Preset:
     PREPROCESSORS): "pil", exact, or "tensor" (lossy, opt-in: JPEGs of a batch decoded together and
     resized on the worker's device, nvJPEG on a GPU); records without it read as "pil".
     The other tasks' presets leave steps out (None, and not written): SemanticSegmentation has no
-    crop, ObjectDetection only converts to float (the model resizes and normalises itself)."""
+    crop, ObjectDetection only converts to float (the model resizes and normalises itself).
+    VideoClassification's resize is [height, width] (or [shorter side]) and its crop [height, width],
+    each frame resized without antialiasing as torchvision's preset does; it adds the window and the
+    rate the clip is sampled at (handlers/clips.py). OpticalFlow's only normalises to [-1, 1] and
+    has the smallest input the weights take."""
 
-    resize: int = None
-    crop: int = None
+    resize: int = None  # video: [height, width] or [shorter side]
+    crop: int = None  # video: [height, width]
     interpolation: str = "bilinear"
     mean: list = None
     std: list = None
     jpeg_draft: bool = False
     decode: str = DEFAULT_DECODE
+    clip_len: int = None  # video: frames a window of the model sees
+    frame_rate: float = None  # video: frames per second the clip is sampled at before windowing
+    min_size: list = None  # optical flow: [height, width], the smallest input the weights take
 
     def to_dict(self) -> dict:
         out = {"resize": self.resize, "crop": self.crop, "interpolation": self.interpolation if self.resize else None,
-               "mean": self.mean, "std": self.std}
+               "mean": self.mean, "std": self.std, "clip_len": self.clip_len, "frame_rate": self.frame_rate,
+               "min_size": self.min_size}
         out = {key: value for key, value in out.items() if value is not None}  # steps the preset leaves out
         out = {**out, "jpeg_draft": True} if self.jpeg_draft else out
         return {**out, "decode": self.decode} if self.decode != DEFAULT_DECODE else out  # lossy choices only

@@ -34,6 +34,8 @@ class Eager:
     def __call__(self, batch):
         if isinstance(batch, torch.Tensor):
             batch = batch.to(self.device, non_blocking=True).contiguous(memory_format=self.format)
+        elif isinstance(batch, tuple):  # the model's positional arguments (optical flow: the two images)
+            return to_cpu(self.model(*[tensor.to(self.device, non_blocking=True) for tensor in batch]))
         else:  # detection models: a list of images of their own sizes
             batch = [image.to(self.device, non_blocking=True) for image in batch]
         return to_cpu(self.model(batch))

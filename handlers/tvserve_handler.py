@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from handlers.budget import prepare_threads, thread_budget
-from handlers.devices import PREPROCESSORS, decode_choice, model_device
+from handlers.devices import model_device, preprocessor_for
 from handlers.errors import RequestError
 from handlers.explanations import Explainer
 from handlers.models import load_model
@@ -93,7 +93,7 @@ class TvserveHandler:
         self.backend, self.runner = load_backend(model_dir, self.record, threads, device, self.precision)
         self.task = get_task(self.record.task, self.record.labels, self.record.keypoint_names)
         self.protocol = PROTOCOLS[DEFAULT_PROTOCOL]
-        self.preprocessor = PREPROCESSORS[decode_choice(self.record.preset)](self.record.preset, device)
+        self.preprocessor = preprocessor_for(self.record.task, self.record.preset, device)
         self.prepare_pool = PreparePool(self.preprocessor, prepare_threads(model_config, threads))
         self.forward_early = device == "cpu"  # see handle_batch
         self.model_dir, self.explainer = model_dir, None  # the explainer is loaded on first use
@@ -118,15 +118,18 @@ class TvserveHandler:
         """One request -> (Decoded: its action and encoded images, options: the task's), before any
         image is decoded. Raises RequestError for client mistakes."""
         if protocol.name not in self.task.protocols:
+            routes = {"predictions": f"/predictions/{self.record.name}", "v2": "OIP v2 (/v2)", "v1": "KServe v1 (/v1)"}
             raise RequestError(400, "UnsupportedProtocol",
                                f"{self.record.name} is a {self.task.name} model: it answers on "
-                               f"/predictions/{self.record.name} only.")
+                               f"{' and '.join(routes[name] for name in self.task.protocols)} only.")
         decoded = protocol.decode(request, headers, self.task)
         if decoded.action == "explain" and not hasattr(self.task, "explain_target"):
             raise RequestError(400, "UnsupportedExplanation",
                                f"Explanations are for classification models; {self.record.name} is a {self.task.name} model.")
         if decoded.action == "metadata":
             return decoded, {}
+        if hasattr(self.task, "inputs"):  # a clip, or a pair of images: one input of the model
+            decoded.images = self.task.inputs(decoded.images)
         return decoded, self.task.parse_options(decoded.options)
 
     @staticmethod

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import sklearn.datasets
+import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
@@ -70,11 +71,26 @@ def write_photo(path: Path, width: int = 200) -> None:
         path, "JPEG", quality=80, optimize=True)
 
 
+def write_pan(folder: Path, width: int = 192, height: int = 144, frames: int = 30, fps: int = 15) -> None:
+    """pan.mp4: the photo panned 3 px right and 2 px down a frame (2 s at 15 fps, H.264), for video
+    models; pan-1.png and pan-2.png: its first two frames, a pair for optical flow."""
+    from torchcodec.encoders import VideoEncoder
+
+    photo = Image.open(folder / "photo.jpg").convert("RGB")
+    wide = np.asarray(photo.resize((width + 3 * frames, height + 2 * frames)))
+    clip = torch.stack([torch.from_numpy(wide[2 * i:2 * i + height, 3 * i:3 * i + width].copy()).permute(2, 0, 1)
+                        for i in range(frames)])
+    VideoEncoder(clip, frame_rate=fps).to_file(str(folder / "pan.mp4"), crf=28)
+    for number in (1, 2):
+        Image.fromarray(clip[number - 1].permute(1, 2, 0).numpy()).save(folder / f"pan-{number}.png", optimize=True)
+
+
 def main() -> None:
     SAMPLES.mkdir(exist_ok=True)
     for seed, (name, digit, size, pen, margin, dark_on_white) in enumerate(DIGITS):
         draw_digit(digit, size, pen, margin, dark_on_white, seed).save(SAMPLES / name, optimize=True)
     write_photo(SAMPLES / "photo.jpg")
+    write_pan(SAMPLES)
 
 
 if __name__ == "__main__":

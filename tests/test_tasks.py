@@ -40,6 +40,9 @@ from tvserve.tools.tasks_latency import detecting_weights  # random weights that
 TASKS = models_by_task()
 OTHER_WEIGHTS = [weights for task, names in TASKS.items() if task != "classification"
                  for name in names for weights in get_model_weights(name)]
+CLIP_TASKS = ("video_classification", "optical_flow")  # their presets: tests/test_video_flow.py
+IMAGE_WEIGHTS = [weights for task, names in TASKS.items() if task not in ("classification", *CLIP_TASKS)
+                 for name in names for weights in get_model_weights(name)]
 NAME_OF = {weights: name for task, names in TASKS.items() for name in names for weights in get_model_weights(name)}
 
 
@@ -54,7 +57,11 @@ def odd_images() -> list:
 
 
 def test_zoo_lists_every_task():
-    assert set(TASKS) == {"classification", "detection", "instance_segmentation", "keypoints", "semantic_segmentation"}
+    assert set(TASKS) == {"classification", "detection", "instance_segmentation", "keypoints", "semantic_segmentation",
+                          "video_classification", "optical_flow"}
+    assert TASKS["video_classification"] == ["mc3_18", "mvit_v1_b", "mvit_v2_s", "r2plus1d_18", "r3d_18", "s3d",
+                                             "swin3d_b", "swin3d_s", "swin3d_t"]
+    assert TASKS["optical_flow"] == ["raft_large", "raft_small"]
     assert {"fasterrcnn_resnet50_fpn", "fcos_resnet50_fpn", "retinanet_resnet50_fpn", "ssd300_vgg16",
             "ssdlite320_mobilenet_v3_large"} <= set(TASKS["detection"])
     assert "maskrcnn_resnet50_fpn" in TASKS["instance_segmentation"]
@@ -67,7 +74,7 @@ def test_zoo_lists_every_task():
     assert len([row for row in rows if row["task"] != "classification"]) == len(OTHER_WEIGHTS)
 
 
-@pytest.mark.parametrize("weights", OTHER_WEIGHTS, ids=str)
+@pytest.mark.parametrize("weights", IMAGE_WEIGHTS, ids=str)
 def test_preset_matches_weights_transforms(weights):
     ours, theirs = build_transform(preset_of(weights)), weights.transforms()
     for image in odd_images():
@@ -81,7 +88,7 @@ def test_every_weight_passes_the_meta_device_check(weights, tmp_path):
     strictly, the forward that can run there runs, and the head fits the categories."""
     name = NAME_OF[weights]
     record = torchvision_record(name, weights)
-    assert record.labels == weights.meta["categories"]
+    assert record.labels == weights.meta.get("categories", [])  # optical flow: no classes
     with torch.device("meta"):
         state = random_state_dict(record, tmp_path)
     assert all(tensor.is_meta for tensor in state.values())

@@ -1,5 +1,5 @@
 """The `tvserve` command: train, archive, serve, predict and describe image models (classification,
-detection, segmentation, keypoints).
+detection, segmentation, keypoints), video classifiers and optical flow.
 
 Examples:
     tvserve archive torchvision resnet18                 # ImageNet weights: download, cache or --weights-file
@@ -9,6 +9,8 @@ Examples:
     tvserve predict digits_net samples/7-dark-on-white.png --topk 3   # make serve's model; samples/README.md
     tvserve predict resnet18 samples/photo.jpg --topk 3
     tvserve predict maskrcnn_resnet50_fpn samples/photo.jpg --threshold 0.7 --draw drawn/
+    tvserve predict r3d_18 samples/pan.mp4 --topk 3 --draw drawn/
+    tvserve predict raft_small samples/pan-1.png samples/pan-2.png --pairs --draw drawn/
     tvserve describe model_store/resnet18.mar
     tvserve zoo
     tvserve export kserve kserve-models/                 # KServe's storage layout from model_store/
@@ -105,6 +107,13 @@ def cmd_archive_custom(args):
     ))
 
 
+def side(value) -> str:
+    """A preset's resize or crop as shown: 224, 128x171 (a video preset's [height, width]), or -."""
+    if not value:
+        return "-"
+    return "x".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def cmd_zoo(args):
     from tvserve.archiving.zoo import zoo
 
@@ -120,7 +129,7 @@ def cmd_zoo(args):
         for row in task_rows:
             value = f"{row['value']:.2f}" if row["value"] is not None else "-"
             weights = row["weights"] + (" (default)" if row["default"] else "")
-            size = f"{row['resize'] or '-':>5}/{row['crop'] or '-':<5}"
+            size = f"{side(row['resize']):>5}/{side(row['crop']):<5}"
             print(f"{row['model']:<38} {weights:<36} {row['params']:>12,} {size} {row['interpolation'] or '-':>8} "
                   f"{value:>9}")
     print(f"\n{len({row['model'] for row in rows})} models, {len(rows)} weights")
@@ -362,14 +371,18 @@ def cmd_predict(args):
     token = keys(args).get("inference")
     options = {name: value for name, value in (("threshold", args.threshold), ("max_detections", args.max_detections))
                if value is not None}
-    for image in args.images:
-        answer = client.predict(args.model, image, url=args.url, topk=args.topk, version=args.model_version,
-                                token=token, options=options, timeout=args.timeout)
-        print(f"{image}:")
+    if args.pairs and len(args.images) % 2:
+        raise TvserveError(f"--pairs takes the images two at a time (first and second frame); got {len(args.images)}.")
+    requests_ = list(zip(args.images[::2], args.images[1::2])) if args.pairs else args.images
+    for image in requests_:
+        answer = client.predict(args.model, list(image) if args.pairs else image, url=args.url, topk=args.topk,
+                                version=args.model_version, token=token, options=options, timeout=args.timeout)
+        first = image[0] if args.pairs else image
+        print(f"{' + '.join(map(str, image)) if args.pairs else image}:")
         print("\n".join(describe(answer)))
         if args.draw:
-            out = args.draw / f"{Path(image).stem}.{args.model}.png"
-            print(f"  drawn: {draw(image, answer, out)}")
+            out = args.draw / f"{Path(first).stem}.{args.model}.png"
+            print(f"  drawn: {draw(first, answer, out)}")
 
 
 def cmd_describe(args):
@@ -547,14 +560,18 @@ def get_parser(with_training: bool = True):
     stop = commands.add_parser("stop", parents=[server_files], help="stop a server started with --detach")
     stop.set_defaults(func=cmd_stop)
 
-    predict = commands.add_parser("predict", parents=[inference_api, server_files], help="top-k predictions for image files")
+    predict = commands.add_parser("predict", parents=[inference_api, server_files],
+                                  help="the answers for image files, clips (video models) or pairs (optical flow)")
     predict.add_argument("model")
-    predict.add_argument("images", nargs="+", type=Path)
+    predict.add_argument("images", nargs="+", type=Path, help="image files, or clips (MP4, WebM, GIF) for video models")
+    predict.add_argument("--pairs", action="store_true",
+                         help="optical flow: the images two at a time, each pair's first and second frame")
     predict.add_argument("--topk", type=int, help="classification: how many labels")
     predict.add_argument("--threshold", type=float, help="detection: the least score answered (default 0.5)")
     predict.add_argument("--max-detections", type=int, help="detection: at most this many (default 100)")
     predict.add_argument("--draw", type=Path, metavar="FOLDER",
-                         help="write each image with its boxes, masks or keypoints drawn into FOLDER")
+                         help="write each image with its boxes, masks or keypoints drawn into FOLDER "
+                              "(a clip: frames with its labels; a pair: its first image beside the flow's colours)")
     predict.add_argument("--model-version")
     predict.add_argument("--timeout", type=float, default=60,
                          help="seconds to wait for the server's answer to each image (default 60)")

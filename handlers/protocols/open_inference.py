@@ -28,7 +28,7 @@ from handlers.protocols.common import (
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY = "application/octet-stream"
 INPUTS = {"image": "BYTES", "pixels": "UINT8"}
-NUMPY_TYPES = {"FP32": "<f4", "INT64": "<i8", "UINT8": "u1"}
+NUMPY_TYPES = {"FP32": "<f4", "FP16": "<f2", "INT64": "<i8", "UINT8": "u1"}
 
 
 def input_metadata() -> list:

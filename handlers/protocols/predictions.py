@@ -2,7 +2,9 @@
 task's JSON, a client mistake `{"code", "type", "message"}`.
 
 Accepted bodies: raw image bytes (any or no Content-Type; the format is read from the bytes),
-a multipart/form-data file field, or JSON {"data": "<base64>"} (strict base64). Options come from
+a multipart/form-data file field, or JSON {"data": "<base64>"} (strict base64). A task that takes
+several items a request (a video model's frames, an optical-flow model's two images: its `inputs`)
+gets every field of a multipart body, in the order sent (or one raw body: a clip). Options come from
 form fields or query parameters, JSON keys, or an `X-<Option>` header (X-TopK). (TorchServe 0.12
 drops the query string of /predictions/NAME; /NAME/predict keeps it.)
 """
@@ -26,7 +28,22 @@ class PredictionsJSON:
     def decode(self, request: dict, headers: dict, task) -> Decoded:
         """One TorchServe request -> one image and the task's options (raw)."""
         action = "explain" if header(headers, "explain") == "True" else "infer"  # TorchServe's /explanations
+        if hasattr(task, "inputs"):
+            return Decoded(*self.items_and_options(request, headers, task.option_names), action)
         return Decoded(*self.image_and_options(request, headers, task.option_names), action)
+
+    @staticmethod
+    def items_and_options(request: dict, headers: dict, option_names=()) -> tuple:
+        """([every field's bytes, in the order sent], {option: raw value or None}) from one request."""
+        options = {name: request.get(name, header(headers, f"x-{name}")) for name in option_names}
+        items = [value.encode("utf-8") if isinstance(value, str) else value
+                 for name, value in request.items() if name not in option_names]
+        if not items:
+            raise RequestError(400, "EmptyBody", "The request carries nothing: send a clip as the body, or "
+                                                 "its images as multipart fields.")
+        if not all(isinstance(item, (bytes, bytearray)) for item in items):
+            raise RequestError(400, "InvalidBody", "Send the clip or images as bytes: a raw body or multipart files.")
+        return [bytes(item) for item in items], options
 
     def image_and_options(self, request: dict, headers: dict, option_names=()) -> tuple:
         """([image bytes], {option: raw value or None}) from one TorchServe request."""

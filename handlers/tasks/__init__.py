@@ -10,6 +10,8 @@
     postprocess(scores, options)         one image's scores -> the answer (JSON-serialisable); options
                                          also carry "image_size", the (height, width) of the image as sent
     parity_gap(a, b), PARITY_TOLERANCE   what "answers the same" means when a runtime is compared to eager
+    inputs(items)                        (optional) a request's items -> what the model answers one each:
+                                         a video model's one clip, a flow model's one pair of images
 and is built as Task(labels, keypoint_names).
 """
 
@@ -17,10 +19,12 @@ from handlers.tasks.classification import Classification
 from handlers.tasks.detection import Detection
 from handlers.tasks.instance_segmentation import InstanceSegmentation
 from handlers.tasks.keypoints import Keypoints
+from handlers.tasks.optical_flow import OpticalFlow
 from handlers.tasks.semantic_segmentation import SemanticSegmentation
+from handlers.tasks.video_classification import VideoClassification
 
 TASKS = {task.name: task for task in (Classification, Detection, InstanceSegmentation, Keypoints,
-                                      SemanticSegmentation)}
+                                      SemanticSegmentation, VideoClassification, OpticalFlow)}
 STACKED = (Classification.name,)  # tasks whose model takes one stacked Tensor[N, 3, crop, crop]
 
 

@@ -40,7 +40,7 @@ def torchvision_record(name: str, enum, model_name: str = None) -> Record:
         extra = {"weights_enum": str(enum), metric: value}
     return Record(
         name=model_name or name, source="torchvision", task=task, model=spec,
-        preset=Preset(**zoo.preset_of(enum)), labels=list(enum.meta["categories"]),
+        preset=Preset(**zoo.preset_of(enum)), labels=list(enum.meta.get("categories", [])),  # flow: none
         keypoint_names=enum.meta.get("keypoint_names") if task == "keypoints" else None, extra=extra,
     )
 

@@ -106,6 +106,8 @@ def tune(record: Record, weights: Path, model_dir: Path, options: ArchiveOptions
     if options.precision != "fp32" and task.name not in STACKED:
         raise TvserveError(f"--precision {options.precision} is for classification models; {record.name} is a "
                            f"{task.name} model, served in fp32 (leave --precision out).")
+    if hasattr(task, "inputs"):  # a clip or a pair of images a request: the timings below are of single photos
+        return unmeasured_eager(options, task)
     int8 = options.precision == "int8"
     calibration = read_calibration(options.calibration, record.preset, record.labels) if int8 else None
     state_dict = load_state_dict_file(weights)
@@ -130,6 +132,19 @@ def tune(record: Record, weights: Path, model_dir: Path, options: ArchiveOptions
     elif options.precision != "fp32":
         backend["effect"] = measured_effect(model, backend["name"], task, record, options).to_dict()
     return options, backend
+
+
+def unmeasured_eager(options: ArchiveOptions, task) -> tuple:
+    """(options, backend) for a video or optical-flow model: eager (its exports are not checked),
+    one worker and one request a batch unless given (a clip's windows, or RAFT's iterations, fill
+    the cores alone; tuning.py's timings are of single photos)."""
+    if (options.backend or "auto") not in ("auto", "eager"):
+        raise TvserveError(f"Backend {options.backend} cannot serve this model: {task.name} models are served "
+                           "eager. Use --backend auto or eager.")
+    options = replace(options, workers=options.workers or 1, batch_size=options.batch_size or 1)
+    return options, {"name": "eager", "file": None,
+                     "selection": {"wanted": options.backend or "auto", "cpu": cpu_name(),
+                                   "rule": f"{task.name}: eager, 1 worker and batch 1 unless given"}}
 
 
 def size(record: Record, options: ArchiveOptions, sizing: Sizing, files: dict, folder: Path) -> tuple:

@@ -2,7 +2,8 @@
 
 Tasks: classification (torchvision.models), detection, instance segmentation (Mask R-CNN) and
 keypoints (Keypoint R-CNN) (torchvision.models.detection), semantic segmentation
-(torchvision.models.segmentation). Everything an archive records about a torchvision model is read
+(torchvision.models.segmentation), video classification (torchvision.models.video) and optical
+flow (torchvision.models.optical_flow). Everything an archive records about a torchvision model is read
 from its `Weights` enum (`weights.transforms()`, `weights.meta`), never re-typed.
 """
 
@@ -18,6 +19,7 @@ import torchvision
 from torchvision.models import get_model_weights, list_models
 
 from tvserve import TvserveError
+from tvserve.archiving.presets import CLIP_PRESETS
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +30,16 @@ def classification_models() -> list:
     return list_models(module=torchvision.models)
 
 
-TASK_ORDER = ("classification", "detection", "instance_segmentation", "keypoints", "semantic_segmentation")
+TASK_ORDER = ("classification", "detection", "instance_segmentation", "keypoints", "semantic_segmentation",
+              "video_classification", "optical_flow")
+MODULE_TASKS = {"video_classification": torchvision.models.video, "optical_flow": torchvision.models.optical_flow}
 
 
 def task_of(name: str) -> str:
     """The task of torchvision model `name` (a classification model when in no other module)."""
+    for task, module in MODULE_TASKS.items():
+        if name in list_models(module=module):
+            return task
     if name in list_models(module=torchvision.models.segmentation):
         return "semantic_segmentation"
     if name in list_models(module=torchvision.models.detection):
@@ -43,7 +50,8 @@ def task_of(name: str) -> str:
 def models_by_task() -> dict:
     """{task: [model names]} for every pretrained torchvision model tvserve archives."""
     names = (classification_models() + list_models(module=torchvision.models.detection)
-             + list_models(module=torchvision.models.segmentation))
+             + list_models(module=torchvision.models.segmentation)
+             + [name for module in MODULE_TASKS.values() for name in list_models(module=module)])
     tasks = {task: [] for task in TASK_ORDER}
     for name in names:
         tasks[task_of(name)].append(name)
@@ -66,16 +74,18 @@ def get_weights(name: str, weights: str = "DEFAULT"):
         raise TvserveError(
             f"Invalid weights {weights!r} for {name}. Choose DEFAULT or one of: {', '.join(enum.__members__)}."
         ) from None
-    if not member.meta.get("categories"):
+    if not member.meta.get("categories") and task_of(name) != "optical_flow":  # flow answers no classes
         raise TvserveError(f"{member} has no classifier head (feature-extraction weights): choose other weights.")
     return member
 
 
 def preset_of(weights) -> dict:
     """The preset recorded in archives, read from `weights.transforms()`: an ImageClassification
-    (resize, crop, interpolation, mean, std), a SemanticSegmentation (no crop) or an
-    ObjectDetection (nothing: it only converts to float)."""
+    (resize, crop, interpolation, mean, std), a SemanticSegmentation (no crop), an
+    ObjectDetection (nothing: it only converts to float), or a video or flow preset (presets.py)."""
     transform = weights.transforms()
+    if type(transform).__name__ in CLIP_PRESETS:
+        return CLIP_PRESETS[type(transform).__name__](weights)
     if not hasattr(transform, "resize_size"):  # ObjectDetection
         return {}
     if not hasattr(transform, "crop_size"):  # SemanticSegmentation
@@ -154,6 +164,8 @@ METRICS = {  # the headline metric of each task in the weights' meta: (dataset, 
     "instance_segmentation": ("COCO-val2017", "mask_map", "mask mAP"),
     "keypoints": ("COCO-val2017", "kp_map", "kp mAP"),
     "semantic_segmentation": ("COCO-val2017-VOC-labels", "miou", "mIoU"),
+    "video_classification": ("Kinetics-400", "acc@1", "acc@1"),
+    "optical_flow": ("Sintel-Train-Finalpass", "epe", "Sintel final EPE"),
 }
 
 

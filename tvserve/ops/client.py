@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3 import encode_multipart_formdata
 from urllib3.exceptions import ReadTimeoutError
 from urllib3.util.retry import Retry
 
@@ -146,18 +147,31 @@ def post_with_retries(url: str, *, data: bytes, headers: dict, timeout: float, r
             http.close()
 
 
+def request_body(image) -> tuple:
+    """(body, {"Content-Type": ...} or {}) for one file (a path or bytes: an image or a clip), or for
+    a list of them (an optical-flow pair: multipart fields image1, image2, ...)."""
+    if not isinstance(image, (list, tuple)):
+        return (Path(image).read_bytes() if isinstance(image, (str, Path)) else image), {}
+    fields = [(f"image{i}", (Path(item).name if isinstance(item, (str, Path)) else f"image{i}",
+                             Path(item).read_bytes() if isinstance(item, (str, Path)) else item))
+              for i, item in enumerate(image, start=1)]
+    body, content_type = encode_multipart_formdata(fields)
+    return body, {"Content-Type": content_type}
+
+
 def predict(model: str, image, *, url: str = DEFAULT_URL, topk: int = None, version: str = None,
             token: str = None, timeout: float = 60, retries: int = RETRIES, session=requests, options: dict = None):
-    """The answer for one image (a path or bytes): for a classifier its top-k,
-    [{"label", "index", "probability"}, ...]; for the other tasks their answer (docs/models.md). `options`
+    """The answer for one image or clip (a path or bytes; a list of two: an optical-flow pair): for a
+    classifier its top-k, [{"label", "index", "probability"}, ...]; for the other tasks their answer
+    (docs/models.md). `options`
     are the task's per-request options ({"threshold": 0.7}), sent as X-<name> headers.
     Pass a requests.Session as `session` to keep one connection across many predictions (its
     adapters are replaced by retrying ones). `timeout` is in seconds, for the connection and for
     the answer."""
-    data = Path(image).read_bytes() if isinstance(image, (str, Path)) else image
+    data, content_type = request_body(image)
     path = f"{url}/predictions/{model}" + (f"/{version}" if version else "")
     headers = {**bearer(token), **({"X-TopK": str(topk)} if topk is not None else {}),  # /predictions drops ?topk
-               **{f"X-{name}": str(value) for name, value in (options or {}).items()}}
+               **{f"X-{name}": str(value) for name, value in (options or {}).items()}, **content_type}
     try:
         response = post_with_retries(path, data=data, headers=headers, timeout=timeout, retries=retries,
                                      session=session)

@@ -1,6 +1,7 @@
 """A served answer drawn on its image (`tvserve predict --draw`): boxes with labels and scores,
 instance masks, keypoints, or a semantic segmentation's classes, with torchvision's
-draw_bounding_boxes / draw_segmentation_masks / draw_keypoints. The image is decoded as the
+draw_bounding_boxes / draw_segmentation_masks / draw_keypoints; a clip's frames with its labels;
+an optical-flow pair's first image beside the flow's colours (flow_to_image, as served). The image is decoded as the
 server decodes it (upright, RGB), so the answer's pixels land where they belong."""
 
 import base64
@@ -9,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+from PIL import Image, ImageDraw
+from torchvision.transforms.functional import pil_to_tensor, resize, to_pil_image
 from torchvision.utils import draw_bounding_boxes, draw_keypoints, draw_segmentation_masks
 
+from handlers.clips import container_of
 from handlers.images import open_image
 from handlers.tasks.instance_segmentation import masks_of
 from tvserve import TvserveError
@@ -42,17 +44,64 @@ def draw_detections(image: torch.Tensor, answer: list) -> torch.Tensor:
     return image
 
 
+STRIP_FRAMES, STRIP_HEIGHT = 4, 160  # a clip's drawing: this many frames, evenly spread, this tall (px)
+
+
+def clip_strip(clip: bytes) -> torch.Tensor:
+    """uint8 Tensor[3, STRIP_HEIGHT, w]: STRIP_FRAMES frames of an encoded clip side by side (or the
+    frame itself, for a single image)."""
+    if not container_of(clip):
+        frames = pil_to_tensor(open_image(clip))[None]
+    else:
+        from torchcodec.decoders import VideoDecoder
+
+        decoder = VideoDecoder(clip)
+        count = len(decoder)
+        frames = decoder.get_frames_at(sorted({i * (count - 1) // max(STRIP_FRAMES - 1, 1)
+                                              for i in range(min(STRIP_FRAMES, count))})).data
+    width = round(frames.shape[-1] * STRIP_HEIGHT / frames.shape[-2])
+    return torch.cat(list(resize(frames, [STRIP_HEIGHT, width], antialias=True)), dim=-1)
+
+
+def draw_clip(clip: bytes, answer: dict) -> torch.Tensor:
+    """The clip's strip of frames with the answer's top labels (and its windows) written on it."""
+    strip = to_pil_image(clip_strip(clip))
+    lines = [f"{item['probability']:.3f} {item['label']}" for item in answer["predictions"][:3]]
+    lines.append(f"{answer['windows']} window(s), {answer['frames']} frames")
+    canvas = ImageDraw.Draw(strip)
+    for row, line in enumerate(lines):
+        canvas.text((4, 4 + 12 * row), line, fill="yellow", stroke_width=2, stroke_fill="black")
+    return pil_to_tensor(strip)
+
+
+def draw_flow(image: torch.Tensor, answer: dict) -> torch.Tensor:
+    """The pair's first image beside the flow's colour picture (the answer's PNG), one row."""
+    colours = pil_to_tensor(Image.open(io.BytesIO(base64.b64decode(answer["png"]))).convert("RGB"))
+    return torch.cat([image, colours], dim=-1)
+
+
 def draw(image_file: Path, answer, out: Path) -> Path:
-    """Writes `image_file` with `answer` drawn on it to `out` (PNG or JPEG by its suffix); returns `out`."""
-    image = pil_to_tensor(open_image(Path(image_file).read_bytes()))
-    if isinstance(answer, dict) and "png" in answer:
+    """Writes `image_file` with `answer` drawn on it to `out` (PNG or JPEG by its suffix); returns `out`.
+    A clip (video classification) is drawn as a strip of its frames with its labels; an
+    optical-flow pair as its first image beside the flow's colours."""
+    data = Path(image_file).read_bytes()
+    if isinstance(answer, dict) and "windows" in answer:
+        return save(draw_clip(data, answer), out)
+    image = pil_to_tensor(open_image(data))
+    if isinstance(answer, dict) and "flow" in answer:
+        image = draw_flow(image, answer)
+    elif isinstance(answer, dict) and "png" in answer:
         masks, _ = semantic_masks(answer)
         image = draw_segmentation_masks(image, masks, alpha=ALPHA)
     elif isinstance(answer, list) and (not answer or "box" in answer[0]):
         image = draw_detections(image, answer)
     else:
-        raise TvserveError("--draw draws detection, instance segmentation, keypoints and semantic segmentation "
-                           "answers; this model answers with class probabilities.")
+        raise TvserveError("--draw draws detection, instance segmentation, keypoints, semantic segmentation, video "
+                           "and optical-flow answers; this model answers with class probabilities.")
+    return save(image, out)
+
+
+def save(image: torch.Tensor, out: Path) -> Path:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     to_pil_image(image).save(out)
     return Path(out)
@@ -62,6 +111,13 @@ def describe(answer) -> list:
     """Text lines of one answer, whatever its task."""
     if isinstance(answer, dict) and "classes" in answer:
         return [f"  {100 * item['fraction']:5.1f}%  {item['label']} ({item['index']})" for item in answer["classes"]]
+    if isinstance(answer, dict) and "windows" in answer:  # a clip
+        return [*describe(answer["predictions"]), f"  ({answer['frames']} frames sampled, {answer['windows']} window(s))"]
+    if isinstance(answer, dict) and "flow" in answer:
+        field = np.frombuffer(base64.b64decode(answer["flow"]["data"]), "<f2").reshape(answer["flow"]["shape"])
+        length = np.hypot(field[0].astype(np.float32), field[1].astype(np.float32))
+        return [f"  flow {answer['size'][1]}x{answer['size'][0]}: mean motion {length.mean():.2f} px, "
+                f"largest {length.max():.2f} px (float16 field and colour PNG in the answer)"]
     lines = []
     for item in answer:
         if "probability" in item:
