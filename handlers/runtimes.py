@@ -153,15 +153,17 @@ DEFAULT_INT8_RECIPE = Int8Recipe()  # the first tried: the fastest here (docs/pr
 
 
 class CalibrationBatches:
-    """ONNX Runtime's CalibrationDataReader over preprocessed images: one {input: array} per
-    Tensor[N, 3, H, W] float32 batch, then None."""
+    """ONNX Runtime's CalibrationDataReader over preprocessed images, Tensor[N, 3, H, W] float32
+    batches: one {input: array[1, 3, H, W]} per image, then None. One image at a time: ONNX Runtime
+    1.32's histogram calibrators (Percentile, Entropy) stack what they collect and fail on a last
+    batch smaller than the others."""
 
     def __init__(self, batches, input_name: str = "image"):
-        self.batches, self.input_name = iter(batches), input_name
+        self.images, self.input_name = (image for batch in batches for image in batch.split(1)), input_name
 
     def get_next(self):
-        batch = next(self.batches, None)
-        return None if batch is None else {self.input_name: batch.numpy()}
+        image = next(self.images, None)
+        return None if image is None else {self.input_name: image.numpy()}
 
 
 ENTROPY_BINS = {"num_bins": 2048, "num_quantized_bins": 128}  # TensorRT's: 2048-bin histograms, 128-bin candidates
@@ -175,9 +177,8 @@ def entropy_ranges(prepared: Path, calibration, cache: Path) -> None:
 
     calibrator = create_calibrator(prepared, augmented_model_path=str(Path(prepared).with_name("augmented.onnx")),
                                    calibrate_method=CalibrationMethod.Entropy, extra_options=ENTROPY_BINS)
-    with contextlib.redirect_stdout(io.StringIO()):  # its progress is printed: not on the CLI's stdout
-        calibrator.collect_data(CalibrationBatches(calibration))
-        save_tensors_data(calibrator.compute_data(), cache)
+    calibrator.collect_data(CalibrationBatches(calibration))
+    save_tensors_data(calibrator.compute_data(), cache)
 
 
 def export_onnx_int8(model: torch.nn.Module, example: torch.Tensor, path: Path, calibration=(),
@@ -190,7 +191,8 @@ def export_onnx_int8(model: torch.nn.Module, example: torch.Tensor, path: Path, 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with tempfile.TemporaryDirectory(prefix="tvserve-int8-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tvserve-int8-") as tmp, \
+            contextlib.redirect_stdout(io.StringIO()):  # the calibrators print their progress: not on the CLI's stdout
         fp32, prepared = Path(tmp) / "fp32.onnx", Path(tmp) / "prepared.onnx"
         export_onnx(model, example, fp32)
         quant_pre_process(str(fp32), str(prepared))  # shapes inferred and graph folded, as the quantizer expects
