@@ -1,6 +1,6 @@
 # tvserve container: TorchServe 0.12 in the foreground with the production configuration.
 # Build: `make image` (buildah, also where no base image can be pulled) or `docker build -t tvserve .`
-# Run:   docker run -p 8080:8080 -v tvserve-state:/var/lib/tvserve tvserve   (README, "## Container")
+# Run:   docker run -p 8080:8080 -v tvserve-state:/var/lib/tvserve tvserve   (docs/deploying.md, "Container")
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 # ---- build: the project in a virtual environment, and the default archives ----

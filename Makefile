@@ -5,6 +5,8 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+# LitServe, the bench's peer (pyproject's `peers` extra): installed by `make bench` only
+PEERS := $(VENV)/.peers
 # pip's local-mirror notices ("... is ignored") say nothing about the install: keep them out.
 PIP_QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
@@ -20,6 +22,11 @@ $(INSTALLED): pyproject.toml
 
 setup: $(INSTALLED)
 
+$(PEERS): $(INSTALLED)
+	@echo "Installing LitServe, the bench's peer (the peers extra), into $(VENV) ..."
+	$(BIN)/pip install -q -e '.[test,peers]' $(PIP_QUIET)
+	@touch $@
+
 archives: setup  ## the default archives, built only where missing
 	$(BIN)/tvserve prepare
 
@@ -33,8 +40,8 @@ test: setup  ## the whole suite, against real TorchServe processes on free loopb
 docs: setup  ## the documentation site, docs/ -> .tvserve/site/ (MkDocs; --strict: no broken link or anchor)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict  # (the variable quiets Material's notice about MkDocs 2.0)
 
-bench: setup  ## in-process vs tvserve vs stock TorchServe, side by side (~20 min); writes benchmarks/latest.md
-	$(BIN)/tvserve bench
+bench: setup $(PEERS)  ## in-process vs tvserve (pipelined and serial) vs stock TorchServe vs LitServe, side by side (~45 min); writes benchmarks/latest.md
+	$(BIN)/tvserve bench --systems tvserve,serial,draft,int8,stock,litserve
 
 request-cost: setup  ## CPU ms per request, stage by stage, Net and resnet18 (~5 min); writes benchmarks/request_cost.md
 	$(BIN)/python -m tvserve.tools.request_cost

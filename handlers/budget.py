@@ -1,4 +1,4 @@
-"""The CPU thread budget of a worker: workers x threads <= cores, and the CPU workers rule. No torch
+"""The CPU thread budget of a worker: workers x threads <= cores. No torch
 here, so the server side (tvserve/ops/server.py, tvserve/ops/sizing.py) shares these rules with the
 archiver and the worker without importing it."""
 
@@ -6,7 +6,7 @@ import os
 
 
 CPUS_ENV = "TVSERVE_CPUS"  # cores this server may use; Kubernetes sets it from the container's CPU limit
-MAX_AUTO_WORKERS = 8
+MAX_AUTO_WORKERS = 8  # the most workers the archiver tries on a CPU (tvserve/archiving/measured_load.py)
 PREPARE_THREADS_ENV = "TVSERVE_PREPARE_THREADS"  # every worker's prepare pool (handlers/pipeline.py)
 
 
@@ -39,11 +39,3 @@ def prepare_threads(model_yaml_config: dict, threads: int) -> int:
     them with the forward after."""
     config = (model_yaml_config or {}).get("handler") or {}
     return int(config.get("prepare_threads") or os.environ.get(PREPARE_THREADS_ENV) or threads)
-
-
-def cpu_workers(cores: int, forward_ms: float, preprocess_ms: float) -> int:
-    """Workers for a CPU machine of `cores`: one per core (at most MAX_AUTO_WORKERS, one thread each)
-    when the model's forward on one thread (`forward_ms`) is cheaper than preprocessing a 0.5 MP
-    photo (`preprocess_ms`): decoding is then the work, and a worker decodes on one core only.
-    Else one worker with every core's threads."""
-    return min(cores, MAX_AUTO_WORKERS) if forward_ms < preprocess_ms else 1

@@ -55,7 +55,8 @@ class Ticket:
 
 
 class PreparePool:
-    """The prepare stage: `preprocessor.prepare` on `threads` threads (inline where 1), chunk by
+    """The prepare stage: `preprocessor.prepare` on `threads` threads (inline where 1, or where the
+    batch is one chunk: a lone request at low load), chunk by
     chunk. A chunk is one image for a preprocessor that works image by image (PIL), and the batch
     shared evenly among the threads for one that decodes a list together (`batched`: nvJPEG)."""
 
@@ -72,10 +73,12 @@ class PreparePool:
         """One Ticket per image, in order; the work starts at once on the pool's threads."""
         size = self.chunk_size(len(images))
         chunks = [images[first:first + size] for first in range(0, len(images), size)]
-        return [Ticket(future, offset) for chunk in chunks for future in [self.run(chunk)] for offset in range(len(chunk))]
+        inline = len(chunks) == 1  # nothing to overlap it with: a hop to the pool would only add its wait
+        return [Ticket(future, offset) for chunk in chunks for future in [self.run(chunk, inline)]
+                for offset in range(len(chunk))]
 
-    def run(self, chunk: list) -> Future:
-        if self.executor is not None:
+    def run(self, chunk: list, inline: bool = False) -> Future:
+        if self.executor is not None and not inline:
             return self.executor.submit(self.prepare, chunk)
         future = Future()
         future.set_result(self.prepare(chunk))

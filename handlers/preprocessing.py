@@ -9,7 +9,7 @@ other tasks' presets leave steps out: `SemanticSegmentation` has no "crop" (resi
 normalise), `ObjectDetection` neither "resize", "crop" nor "mean"/"std" (uint8 to float only).
 The same steps also run on uint8 image tensors (`pil=False`: the tensor path of handlers/devices.py,
 on the worker's device), as torchvision's presets do; there the resize is not PIL's, so the inputs
-differ from PIL's by a few uint8 levels (measured in the README).
+differ from PIL's by a few uint8 levels (measured in docs/gpu.md, "Decoding on the worker's device").
 """
 
 import torch

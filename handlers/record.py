@@ -10,7 +10,8 @@ its weights and its runtime. The archiver writes it (tvserve/archiving/) and the
        (an int8 archive's backend adds "precision": "int8" and "quantization": {...}, its measured cost,
         or, for a classifier torchvision quantized, "counterpart": {...}, the fp32 model's accuracy and time;
         a tf32, bf16 or fp16 one its "precision" and "effect": {...}, measured against fp32)
-     "sizing": {"decided": ["batch_size", "max_batch_delay"], "cores": 2},
+     "sizing": {"decided": ["workers", "batch_size", "max_batch_delay"], "cores": 2,
+                "measured": {"concurrency": 2, "point_s": 1.0, "candidates": [...], "chosen": 0, "why": "..."}},
      "versions": {...}, "created": "...", "extra": {...}}
 
 Archives written before the record had a version (format 1: no "format" key, always
@@ -18,6 +19,9 @@ classification) are read as they are; an archive of a newer format than this cod
 a message saying so. Format 3 added the tasks beyond classification: a model built by torchvision's
 own builder for its pretrained `weights` (ModelSpec.weights), presets without a resize or a crop,
 and the keypoint names of keypoint models; format 2 code would build such a model wrongly.
+Optional parts added within a format read as absent from older records, and older code skips them:
+the sizing (absent: every size counts as given) and its measured load (absent: decided by the
+per-stage rule of older archivers, or given).
 """
 
 import hashlib
@@ -244,23 +248,45 @@ SIZES = ("workers", "batch_size", "max_batch_delay")  # model-config.yaml's serv
 
 
 @dataclass
+class MeasuredLoad(Measurement):
+    """The short load the archiver sized the archive by (tvserve/archiving/measured_load.py): each
+    candidate {"workers", "threads" (per worker), "batch_size", "c1_p50_ms" (one client),
+    "load_rps" (`concurrency` closed-loop clients: the cores' worth)}, each point `point_s` seconds,
+    the index of the one `chosen` and `why`. A model too slow to measure in seconds records no
+    candidates, chosen None, and why its sizes were set without a measurement."""
+
+    concurrency: int
+    point_s: float
+    candidates: list
+    why: str
+    chosen: int = None
+
+    def winner(self) -> dict:
+        """The chosen candidate, or None where nothing was measured."""
+        return None if self.chosen is None else self.candidates[self.chosen]
+
+
+@dataclass
 class Sizing:
     """Which of the archive's serving sizes (SIZES) the archiver decided rather than the user gave,
-    and the cores of the machine it decided them on; the measured costs they were decided on are
-    the backend's `selection` (its "workers" rule: forward_ms and preprocess_ms on one thread, and
-    each candidate's ms per image). A server may re-size what was decided for its own machine
-    (tvserve/ops/sizing.py), never what was given. Records without it (older archives) have none:
-    every size counts as given, and they are never re-sized."""
+    the cores of the machine it decided them on, and the load it `measured` there (MeasuredLoad;
+    None in archives sized before sizes were measured). A server may re-size what was decided for
+    its own machine (tvserve/ops/sizing.py), never what was given. Records without it (older
+    archives) have none: every size counts as given, and they are never re-sized."""
 
     decided: tuple = ()
     cores: int = None
+    measured: MeasuredLoad = None
 
     def to_dict(self) -> dict:
-        return {"decided": list(self.decided), "cores": self.cores}
+        out = {"decided": list(self.decided), "cores": self.cores}
+        return {**out, "measured": self.measured.to_dict()} if self.measured else out
 
     @classmethod
     def from_dict(cls, data: dict) -> "Sizing":
-        return cls(decided=tuple(name for name in data.get("decided", ()) if name in SIZES), cores=data.get("cores"))
+        measured = data.get("measured")
+        return cls(decided=tuple(name for name in data.get("decided", ()) if name in SIZES), cores=data.get("cores"),
+                   measured=MeasuredLoad.from_dict(measured) if measured else None)
 
 
 @dataclass

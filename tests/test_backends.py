@@ -25,7 +25,7 @@ from tvserve import TvserveError
 from tvserve.archiving.mar import read_model_config as archive_config, read_record
 from tvserve.archiving.options import ArchiveOptions
 from tvserve.archiving.sources import archive_checkpoint, archive_custom, archive_torchvision
-from tvserve.archiving.tuning import BATCH_SIZE
+from tvserve.archiving.measured_load import BATCH_SIZE, choose
 from tvserve.ops import client
 from tvserve.ops.properties import write_properties
 from tvserve.ops.server import Server
@@ -122,17 +122,30 @@ def test_worker_thread_budget_fits_the_cores(server, model_store):
     assert all(int(count) == expected for _, count in loaded)
 
 
-def test_auto_workers_and_batching_follow_the_measurements(digits_run, model_store, tmp_path):
-    """A model whose forward costs less than decoding a photo (measured at archive time and recorded)
-    gets one worker per core, any other one; resnet18's workers are pinned by the fixture. Batches
-    of BATCH_SIZE for both: the worker's pipeline overlaps a batch's decoding with its forward."""
+def test_auto_workers_and_batching_follow_the_measured_load(digits_run, model_store, tmp_path):
+    """Sizes left to the archiver are the winner of a short load measured here with the real handler
+    (tvserve/archiving/measured_load.py), recorded with every candidate; resnet18's workers are
+    pinned by the fixture, so only its batch size was measured."""
     net = archive_checkpoint(digits_run / "checkpoint.pt", options=ArchiveOptions(model_name="net", export_path=tmp_path))
-    rule = read_record(net).backend.selection["workers"]
-    cheaper = rule["forward_ms"] < rule["preprocess_ms"]
-    assert archive_config(net)["minWorkers"] == rule["workers"] == (min(os.cpu_count(), MAX_AUTO_WORKERS) if cheaper else 1)
-    assert archive_config(model_store / "resnet18.mar")["minWorkers"] == 1  # pinned by the fixture
-    for mar in (net, model_store / "resnet18.mar"):
-        assert archive_config(mar)["batchSize"] == BATCH_SIZE
+    measured = read_record(net).sizing.measured
+    worker_counts = sorted({1, min(os.cpu_count(), MAX_AUTO_WORKERS)})
+    assert [(c["workers"], c["batch_size"]) for c in measured.candidates] == [
+        (w, b) for w in worker_counts for b in (1, BATCH_SIZE)]
+    assert all(c["c1_p50_ms"] > 0 and c["load_rps"] > 0 and c["threads"] * c["workers"] <= os.cpu_count()
+               for c in measured.candidates)
+    assert measured.chosen == choose(measured.candidates)[0] and measured.concurrency == os.cpu_count()
+    winner = measured.winner()
+    assert (archive_config(net)["minWorkers"], archive_config(net)["batchSize"]) == (winner["workers"], winner["batch_size"])
+    resnet18 = read_record(model_store / "resnet18.mar").sizing
+    assert {c["workers"] for c in resnet18.measured.candidates} == {1} and "workers" not in resnet18.decided
+    assert archive_config(model_store / "resnet18.mar")["batchSize"] == resnet18.measured.winner()["batch_size"]
+
+
+def test_given_sizes_are_not_measured(digits_run, tmp_path):
+    net = archive_checkpoint(digits_run / "checkpoint.pt", options=ArchiveOptions(
+        model_name="net", export_path=tmp_path, workers=2, batch_size=3))
+    assert read_record(net).sizing.measured is None and read_record(net).sizing.decided == ("max_batch_delay",)
+    assert (archive_config(net)["minWorkers"], archive_config(net)["batchSize"]) == (2, 3)
 
 
 def test_thread_budget_can_be_set_in_the_config(model_store, tmp_path):

@@ -31,7 +31,7 @@ from tvserve.tools.inprocess import load_handler, probabilities
 
 # Bounds on the CPU, where both paths decode with libjpeg-turbo and only the resize differs
 # (measured on these images: at most 1 level bilinear, 8 bicubic, where overshoot at sharp edges
-# is rounded differently; mean at most 0.0031 normalised; README "Tensor decoding").
+# is rounded differently; mean at most 0.0031 normalised; docs/gpu.md, "Decoding on the worker's device").
 MAX_INPUT_LEVELS = {"bilinear": 2, "bicubic": 10}  # uint8 levels, after undoing the preset's std
 MAX_MEAN_DIFFERENCE = 0.01  # mean absolute difference of the normalised inputs
 PRESETS = {  # one of each task's presets, both classification interpolations

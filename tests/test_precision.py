@@ -26,7 +26,7 @@ from tvserve.ops.properties import free_ports_config
 from tvserve.ops.server import Server
 from tvserve.tools.inprocess import load_handler, probabilities
 
-FP32_PARITY = 1e-4  # the README's parity tolerance for fp32, on every device
+FP32_PARITY = 1e-4  # fp32's parity tolerance on every device (docs/precision.md, "Precision")
 SAME_CODE = 1e-5  # the worker against the same precision in this process: same kernels, other thread counts
 N_CLASSES = 10
 AUTOCAST = {"bf16": "torch.autocast(cpu, bfloat16)", "fp16": "torch.autocast(cpu, float16)"}  # as the log says

@@ -9,24 +9,34 @@ import pytest
 import requests
 
 from helpers import GATED_MODEL, REPO, run_tvserve, write_custom_model
-from handlers.record import SIZES, Record, Sizing
+from handlers.record import SIZES, MeasuredLoad, Record, Sizing
 from tvserve.archiving.mar import read_model_config, read_record
 from tvserve.archiving.options import ArchiveOptions
 from tvserve.archiving.sources import archive_custom
 from tvserve.ops.client import bearer, read_keys
 from tvserve.ops.management import model_versions
+from tvserve.archiving.measured_load import choose
 from tvserve.ops.properties import PRODUCTION_CONFIG, free_ports_config, read_properties
 from tvserve.ops.server import SIZED_CONFIG, Server
 from tvserve.ops.sizing import (GPU_BATCH, GPU_BATCH_DELAY_MS, GPU_BATCH_OTHERS, GPUS_ENV, WORKERS_PER_GPU, Machine,
                                 archived_sizes, gpu_count, model_snapshot, plan_sizes)
 
 ARCHIVED = archived_sizes({"minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 1}, default_workers=1)
-DECIDED = Sizing(decided=SIZES, cores=2)
-COSTS = {"forward_ms": 0.5, "preprocess_ms": 4.0}  # a model cheaper than decoding: one worker per core on a CPU
 
 
-def planned(machine, sizing=DECIDED, task="classification", costs=COSTS, decode="tensor") -> tuple:
-    sizes = plan_sizes(ARCHIVED, sizing, task, costs, machine, decode)
+def measured_load(workers: int, threads: int) -> MeasuredLoad:
+    """A load measured on 2 cores whose winner is `workers` x `threads`."""
+    candidates = [{"workers": 1, "threads": 2, "batch_size": 8, "c1_p50_ms": 30.0, "load_rps": 40.0},
+                  {"workers": 2, "threads": 1, "batch_size": 1, "c1_p50_ms": 31.0, "load_rps": 50.0}]
+    chosen = next(i for i, c in enumerate(candidates) if (c["workers"], c["threads"]) == (workers, threads))
+    return MeasuredLoad(concurrency=2, point_s=1.0, candidates=candidates, why="made up", chosen=chosen)
+
+
+DECIDED = Sizing(decided=SIZES, cores=2, measured=measured_load(2, 1))  # a model that served best with a worker per core
+
+
+def planned(machine, sizing=DECIDED, task="classification", decode="tensor") -> tuple:
+    sizes = plan_sizes(ARCHIVED, sizing, task, machine, decode)
     return sizes["workers"].value, sizes["batch_size"].value, sizes["max_batch_delay"].value
 
 
@@ -43,7 +53,7 @@ def test_pil_decoding_workers_are_as_many_and_prepare_on_the_cores_dealt_to_them
 
 def test_the_servers_decode_override_is_the_decoding_planned_for():
     machine = Machine(gpus=1, cores=16, decode="pil")  # TVSERVE_DECODE=pil over an archive's --gpu-decode
-    workers = plan_sizes(ARCHIVED, DECIDED, "classification", COSTS, machine, decode="tensor")["workers"]
+    workers = plan_sizes(ARCHIVED, DECIDED, "classification", machine, decode="tensor")["workers"]
     assert workers.value == WORKERS_PER_GPU and "decoded with PIL" in workers.why and "on 8 threads" in workers.why
     assert Machine.detect({"TVSERVE_GPUS": "1", "TVSERVE_CPUS": "16", "TVSERVE_DECODE": "tensor"}, {}).decode == "tensor"
 
@@ -55,17 +65,19 @@ def test_gpu_batches_are_smaller_for_models_of_big_images(task, batch):
 
 
 def test_cpu_keeps_the_archive_sizes_on_the_cores_they_were_decided_on():
-    sizes = plan_sizes(ARCHIVED, DECIDED, "classification", COSTS, Machine(gpus=0, cores=2))
+    sizes = plan_sizes(ARCHIVED, DECIDED, "classification", Machine(gpus=0, cores=2))
     assert {name: size.value for name, size in sizes.items()} == {"workers": 1, "batch_size": 1, "max_batch_delay": 1}
-    assert "decided on 2 cores, as here" == sizes["workers"].why
+    assert "measured on 2 cores, as here" == sizes["workers"].why
 
 
-def test_cpu_of_other_cores_reapplies_the_workers_rule_from_the_recorded_costs():
-    assert planned(Machine(gpus=0, cores=16)) == (8, 1, 1)  # at most MAX_AUTO_WORKERS
+def test_cpu_of_other_cores_replans_the_measured_winners_shape():
+    assert planned(Machine(gpus=0, cores=16)) == (8, 1, 1)  # a worker per core, at most MAX_AUTO_WORKERS
     assert planned(Machine(gpus=0, cores=4)) == (4, 1, 1)
-    assert planned(Machine(gpus=0, cores=16), costs={"forward_ms": 9.0, "preprocess_ms": 4.0}) == (1, 1, 1)
-    without_costs = plan_sizes(ARCHIVED, DECIDED, "classification", {}, Machine(gpus=0, cores=16))["workers"]
-    assert without_costs.value == 1 and "kept" in without_costs.why
+    one_worker = Sizing(decided=SIZES, cores=2, measured=measured_load(1, 2))
+    workers = plan_sizes(ARCHIVED, one_worker, "classification", Machine(gpus=0, cores=16))["workers"]
+    assert workers.value == 1 and "keeps one worker, with 16 threads here" in workers.why
+    unmeasured = plan_sizes(ARCHIVED, Sizing(decided=SIZES, cores=2), "classification", Machine(gpus=0, cores=16))["workers"]
+    assert unmeasured.value == 1 and "without a measured load: kept" in unmeasured.why
 
 
 @pytest.mark.parametrize("gpus, cores", [(0, 2), (0, 16), (1, 2), (1, 16), (2, 16), (8, 16)])
@@ -73,8 +85,7 @@ def test_given_sizes_and_older_archives_are_never_resized(gpus, cores):
     machine = Machine(gpus=gpus, cores=cores)
     assert planned(machine, sizing=Sizing(decided=(), cores=2)) == (1, 1, 1)
     assert planned(machine, sizing=None) == (1, 1, 1)  # a record from before sizing was recorded
-    mixed = plan_sizes(ARCHIVED, Sizing(decided=("workers", "max_batch_delay"), cores=2), "classification",
-                       COSTS, machine)
+    mixed = plan_sizes(ARCHIVED, Sizing(decided=("workers", "max_batch_delay"), cores=2), "classification", machine)
     assert mixed["batch_size"].value == 1 and mixed["batch_size"].why == "given when archived"
 
 
@@ -84,6 +95,8 @@ def test_old_records_read_without_sizing_and_new_ones_round_trip():
     assert record.sizing is None
     record.sizing = Sizing(decided=("batch_size",), cores=4)
     assert Record.from_json(record.to_json()).sizing == record.sizing
+    record.sizing = DECIDED  # with the load it was measured by
+    assert Record.from_json(record.to_json()).sizing == DECIDED and DECIDED.measured.winner()["workers"] == 2
 
 
 def test_gpu_count_prefers_the_override_then_caps_what_is_visible_by_number_of_gpu():
@@ -116,8 +129,12 @@ def sized_store(tmp_path_factory):
 
 
 def test_archives_record_which_sizes_were_decided(sized_store):
-    assert read_record(sized_store / "tiny.mar").sizing == Sizing(decided=SIZES, cores=os.cpu_count())
+    sizing = read_record(sized_store / "tiny.mar").sizing
+    assert (sizing.decided, sizing.cores) == (SIZES, os.cpu_count())
+    winner = sizing.measured.winner()  # the load it was sized by (test_backends.py checks its candidates)
+    assert read_model_config(sized_store / "tiny.mar")["batchSize"] == winner["batch_size"]
     assert read_record(sized_store / "tiny-2.0.mar").sizing.decided == ()
+    assert read_record(sized_store / "tiny-2.0.mar").sizing.measured is None
     assert read_record(sized_store / "tiny_given.mar").sizing.decided == ("workers", "max_batch_delay")
     assert read_model_config(sized_store / "tiny_given.mar")["maxBatchDelay"] == 1  # the archive default
 
@@ -192,3 +209,11 @@ def test_snapshot_makes_each_models_first_version_its_default():
     assert snapshot["modelCount"] == 3
     assert snapshot["models"] == {"a": {"2.0": {"defaultVersion": True}, "1.0": {"defaultVersion": False}},
                                   "b": {"1.0": {"defaultVersion": True}}}
+
+
+def test_the_measured_winner_is_the_fastest_at_load_of_those_near_the_fastest_alone():
+    candidates = [{"c1_p50_ms": 20.0, "load_rps": 30.0}, {"c1_p50_ms": 21.5, "load_rps": 45.0},
+                  {"c1_p50_ms": 23.0, "load_rps": 90.0}]  # the last is 15% slower alone: not eligible
+    chosen, why = choose(candidates)
+    assert chosen == 1 and "2 of 3 candidates" in why and "within 10%" in why
+    assert choose(candidates[:1])[0] == 0

@@ -1,5 +1,5 @@
 """Trains every architecture of the family on one dataset with one epoch budget and prints a
-Markdown table of validation accuracy and training time (the README's table).
+Markdown table of validation accuracy and training time (docs/training.md's table).
 
     python -m training.compare --dataset digits --epochs 20 --out runs/compare
 """

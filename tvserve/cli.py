@@ -6,8 +6,9 @@ Examples:
     tvserve archive checkpoint runs/digits_net/checkpoint.pt
     tvserve archive checkpoint runs/digits_net/checkpoint.pt --name digits_int8 --precision int8 --calibration my_digits/
     tvserve serve                                        # every archive in model_store/, until Ctrl-C
-    tvserve predict resnet18 cat.jpg --topk 3
-    tvserve predict maskrcnn_resnet50_fpn street.jpg --threshold 0.7 --draw drawn/
+    tvserve predict digits_net samples/7-dark-on-white.png --topk 3   # make serve's model; samples/README.md
+    tvserve predict resnet18 samples/photo.jpg --topk 3
+    tvserve predict maskrcnn_resnet50_fpn samples/photo.jpg --threshold 0.7 --draw drawn/
     tvserve describe model_store/resnet18.mar
     tvserve zoo
     tvserve export kserve kserve-models/                 # KServe's storage layout from model_store/
@@ -59,7 +60,7 @@ def add_archive_options(parser):
     group.add_argument("--precision", help="fp32 (default: IEEE fp32, TF32 off on a GPU), tf32, bf16, fp16 (eager "
                        "PyTorch: TF32 allowed on a GPU, autocast), or int8 (post-training static quantization, ONNX "
                        "Runtime, calibrated on --calibration); for all but fp32 the change against fp32 is measured "
-                       "and recorded (README: Precision)")
+                       "and recorded (docs/precision.md)")
     group.add_argument("--calibration", type=Path, help="int8: a folder of your images (a few hundred is typical; "
                        "class sub-folders named after the labels add accuracies): half calibrates, half measures; "
                        "tf32/bf16/fp16: measured on all of them (default: 16 images made here)")
@@ -339,7 +340,7 @@ def cmd_export_kserve(args):
 
     written = export_kserve(args.model_store, args.dest, force=args.force)
     print(f"{len(written) - 1} archive(s) and {written[0]} written: copy {args.dest} to your storageUri "
-          "(deploy/kserve/README.md)")
+          "(docs/deploying.md, Running on KServe)")
 
 
 def cmd_stop(args):
@@ -506,7 +507,8 @@ def get_parser(with_training: bool = True):
     bench.add_argument("--no-http", action="store_true", help="in-process rows only (no Java or wrk here)")
     bench.add_argument("--systems", default="tvserve,serial,draft,int8,stock", help="comma-separated: tvserve (fp32, "
                        "always) and serial (the worker without its pipeline: batches of 1, no prepare pool), draft "
-                       "(--jpeg-draft), tensor (--gpu-decode), int8 (--precision int8), stock (TorchServe's own handler)")
+                       "(--jpeg-draft), tensor (--gpu-decode), int8 (--precision int8), stock (TorchServe's own handler), "
+                       "litserve (LitServe 0.2.19, 1-2 workers, batch 1 and 4; needs `pip install -e '.[peers]'`)")
     bench.add_argument("--calibration", type=Path, help="int8 calibration images for the torchvision model (default: "
                        "crops of the benchmark photos, timing only)")
     bench.add_argument("--batches", help="in-process rows by batch size, handler pipeline against forward only, e.g. "
@@ -528,7 +530,7 @@ def get_parser(with_training: bool = True):
     serve.add_argument("--timeout", type=float, help="s to wait for READY (default: archives' startupTimeout)")
     serve.add_argument("--detach", action="store_true", help="return once ready, leaving the server running")
     serve.add_argument("--precision", help="run every model in fp32, tf32, bf16 or fp16 instead of its archive's "
-                       "precision (sets TVSERVE_PRECISION for the workers; README: Precision)")
+                       "precision (sets TVSERVE_PRECISION for the workers; docs/precision.md)")
     serve.add_argument("--decode", choices=["pil", "tensor"], help="override every archive's recorded decoding "
                        "(as TVSERVE_DECODE does): pil (exact) or tensor (--gpu-decode's; lossy)")
     serve.set_defaults(func=cmd_serve)

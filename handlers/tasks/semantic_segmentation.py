@@ -9,7 +9,7 @@ image's pixels they cover, largest first. The weights' preset resizes the image 
 the model's "out" logits at that size give each pixel's class (argmax), and that map is resized to
 the image's size by nearest neighbour (upsampling 21 logits to a 12 MP photo would take 1 GB).
 The body stays small: the class map is piecewise constant, and PNG's row filters and deflate
-take it down to a few bytes per row of the model's map (measured in the README).
+take it down to a few bytes per row of the model's map (measured in docs/performance.md, "Per-task latency").
 """
 
 import base64

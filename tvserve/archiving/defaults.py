@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 
 DIGITS_MODEL = "digits_net"
 DIGITS_ARCH, DIGITS_DATASET = "Net", "digits"
-DIGITS_EPOCHS = 40  # with --augment digits at batch 32: see the README (Training) for its accuracy
+DIGITS_EPOCHS = 40  # with --augment digits at batch 32: docs/training.md gives its accuracy
 # Handwriting augmentation: the served model reads digits dark on white as well as light on dark,
 # thin or thick, small or large on the page, not only as the training scans show them.
 DIGITS_AUGMENT = "digits"

@@ -11,7 +11,7 @@ from handlers.runtimes import RUNTIMES, backends_of
 from tvserve import TvserveError
 
 DEFAULT_VERSION = "1.0"
-DEFAULT_MAX_BATCH_DELAY = 1  # ms: the most an idle server adds; a backlog fills batches at once (see README)
+DEFAULT_MAX_BATCH_DELAY = 1  # ms: the most an idle server adds; a backlog fills batches at once (docs/performance.md, measured_load.py)
 
 
 @dataclass
@@ -22,8 +22,8 @@ class ArchiveOptions:
     version: str = DEFAULT_VERSION
     export_path: Path = Path("model_store")
     force: bool = False
-    workers: int = None  # None: measured here (tuning.choose_workers)
-    batch_size: int = None  # None: tuning.choose_batch_size (8: the pipeline overlaps a batch's decoding and forward)
+    workers: int = None  # None: measured here under a short load (measured_load.py)
+    batch_size: int = None  # None: measured here under a short load (measured_load.py): 1 or 8
     max_batch_delay: int = None  # None: DEFAULT_MAX_BATCH_DELAY
     response_timeout: int = 120  # s
     startup_timeout: int = 120  # s

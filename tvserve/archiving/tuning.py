@@ -1,4 +1,5 @@
-"""Tuning an archive for the machine that builds it: its backend, workers and batch size.
+"""Tuning an archive for the machine that builds it: its backend (its workers and batch size are
+measured under load after: measured_load.py).
 
 Each runtime of handlers/runtimes.py (eager with channels_last, frozen TorchScript, ONNX Runtime,
 OpenVINO) is exported from the eager model (or, for channels_last, the same model stored NHWC),
@@ -16,8 +17,6 @@ fp32 ones (so the record shows what int8 gains here); they are held to no parity
 cost is measured on the held-out images instead (calibration.py), and the fastest int8 one is kept.
 tf32, bf16 and fp16 are applied to eager PyTorch (handlers/precision.py): only the eager runtimes
 are tried, timed in that precision, and the effect is measured afterwards (calibration.py).
-The same timings decide what an archive leaves to the machine: its workers (choose_workers) and
-its batch size (choose_batch_size).
 """
 
 import copy
@@ -32,7 +31,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from handlers.budget import cpu_workers
 from handlers.devices import PilPreprocessing
 from handlers.precision import apply_precision
 from handlers.record import Preset
@@ -224,16 +222,6 @@ def cpu_name() -> str:
     return "unknown"
 
 
-BATCH_SIZE = 8  # requests TorchServe hands a worker together: its pipeline overlaps their decoding with the forward
-
-
-def choose_batch_size(backend: dict) -> int:
-    """BATCH_SIZE: the worker's pipeline (handlers/pipeline.py) prepares a batch's later requests
-    while the earlier ones are in the forward, so batches pay even where the forward itself is no
-    cheaper per image; with the 1 ms batch delay a lone request does not wait for batch-mates."""
-    return BATCH_SIZE
-
-
 def sample_jpeg(width: int = 866, height: int = 577, seed: int = 0) -> bytes:
     """A 0.5 MP photo-like JPEG (smooth gradients and grain) for timing preprocessing; other seeds
     give other grain, and their colour channels in another order (measuring a precision's effect)."""
@@ -251,29 +239,3 @@ def sample_jpeg(width: int = 866, height: int = 577, seed: int = 0) -> bytes:
 def archive_cores() -> int:
     """The cores this machine's archives are sized for (recorded in the archive's Sizing)."""
     return os.cpu_count() or 1
-
-
-def choose_workers(model: torch.nn.Module, preset: Preset, task) -> dict:
-    """The workers for this machine by budget.cpu_workers, from the model's forward on one thread
-    and the preprocessing of a 0.5 MP photo, both timed here.
-    Returns {"workers", "forward_ms", "preprocess_ms"}: the choice and what it was made on."""
-    cores = archive_cores()
-    if cores == 1:
-        return {"workers": 1}
-    data, preprocess = sample_jpeg(), PilPreprocessing(preset)
-    previous = torch.get_num_threads()
-    set_threads(1)
-    try:
-        eager = load_runner("eager", model=model)
-        example = task.batch([preprocess(data)])  # the photo as the model takes it
-        with torch.inference_mode():
-            runs = {} if torch.is_tensor(example) else {"warmup": 1, "per_turn": 1}  # list inputs: detection models
-            timings = median_ms({"forward": lambda batch: task.forward(eager, batch),
-                                 "preprocess": lambda _: preprocess(data)}, example, **runs)
-    finally:
-        torch.set_num_threads(previous)
-    workers = cpu_workers(cores, timings["forward"], timings["preprocess"])
-    log.info("workers: %d (forward %.2f ms on one thread, preprocessing a 0.5 MP JPEG %.2f ms)",
-             workers, timings["forward"], timings["preprocess"])
-    return {"workers": workers, "forward_ms": round(timings["forward"], 3),
-            "preprocess_ms": round(timings["preprocess"], 3)}

@@ -43,8 +43,9 @@ from tvserve.archiving.calibration import (check as check_cost, choose_recipe, m
                                            warn_effect)
 from tvserve.archiving.mar import MODEL_CONFIG_FILE
 from tvserve.archiving.options import DEFAULT_VERSION, ArchiveOptions
-from tvserve.archiving.tuning import (TIMED_BATCH, archive_cores, choose_batch_size, choose_workers, cpu_name,
-                                  select_backend, select_eager, select_quantized)
+from tvserve.archiving.measured_load import size_by_load
+from tvserve.archiving.tuning import (TIMED_BATCH, archive_cores, cpu_name, sample_jpeg, select_backend, select_eager,
+                                  select_quantized)
 from tvserve.archiving.weights import load_state_dict_file
 
 log = logging.getLogger(__name__)
@@ -96,14 +97,14 @@ def copy_into(mar: zipfile.ZipFile, source: Path, name: str) -> str:
 
 
 def tune(record: Record, weights: Path, model_dir: Path, options: ArchiveOptions, folder: Path) -> tuple:
-    """(options with workers and batch size decided, backend dict) for this machine: builds the
-    model with its real weights on the CPU, decides the workers, then picks the backend and the
-    batch size from its timings (tuning.py). int8 is calibrated on the user's images by the recipe
-    that agrees best on the held-out ones (calibration.choose_recipe), its cost measured there;
-    below --min-agreement it is refused. tf32,
-    bf16 and fp16 have their effect measured (measured_effect); below --min-agreement, a warning.
-    A classifier torchvision quantized runs on its engine's runtime, timed beside its fp32 counterpart
-    (quantized_backend)."""
+    """(options, backend dict) for this machine: builds the model with its real weights on the CPU
+    and picks the backend from its timings (tuning.py), with the threads of one worker of the
+    archive's workers (all the cores where they are left to the archiver, which sizes them after:
+    `size`). int8 is calibrated on the user's images by the recipe that agrees best on the
+    held-out ones (calibration.choose_recipe), its cost measured there; below --min-agreement it
+    is refused. tf32, bf16 and fp16 have their effect measured (measured_effect); below
+    --min-agreement, a warning. A classifier torchvision quantized runs on its engine's runtime,
+    timed beside its fp32 counterpart (quantized_backend)."""
     quantized = record.model.builder == "torchvision" and zoo.is_quantized(record.model.name)
     if options.precision == "fp32" and options.backend == "eager" and options.workers and options.batch_size \
             and not quantized:
@@ -116,12 +117,8 @@ def tune(record: Record, weights: Path, model_dir: Path, options: ArchiveOptions
     calibration = read_calibration(options.calibration, record.preset, record.labels) if int8 else None
     state_dict = load_state_dict_file(weights)
     model = build_loaded(model_dir, record.model, state_dict)
-    workers_rule = {"workers": options.workers, "wanted": options.workers}
-    if not options.workers:
-        workers_rule = choose_workers(model.eval(), record.preset, task)
-        options = replace(options, workers=workers_rule["workers"])
-    log.info("choosing %s's %s backend (%s) for %d worker(s) x %d threads ...", record.name,
-             "int8" if quantized else options.precision, options.backend, options.workers, options.thread_budget())
+    log.info("choosing %s's %s backend (%s) for %d threads ...", record.name,
+             "int8" if quantized else options.precision, options.backend, options.thread_budget())
     search = calibration and choose_recipe(model.eval(), task, calibration, folder, options.thread_budget())
     if quantized:
         backend = quantized_backend(record, model.eval(), options)
@@ -142,9 +139,6 @@ def tune(record: Record, weights: Path, model_dir: Path, options: ArchiveOptions
         backend["quantization"] = cost.to_dict()
     elif options.precision != "fp32":
         backend["effect"] = measured_effect(model, backend["name"], task, record, options).to_dict()
-    if not options.batch_size:
-        options = replace(options, batch_size=choose_batch_size(backend))
-    backend["selection"]["workers"] = workers_rule
     return options, backend
 
 
@@ -162,6 +156,21 @@ def quantized_backend(record: Record, model, options: ArchiveOptions) -> dict:
         acc1_fp32=zoo.imagenet_acc1(fp32_weights), forward_ms_int8=alone[backend["name"]],
         forward_ms_fp32=alone["eager"], threads=options.thread_budget()).to_dict()
     return backend
+
+
+def size(record: Record, options: ArchiveOptions, sizing: Sizing, files: dict, folder: Path) -> tuple:
+    """(options, sizing) with the workers and batch size the user left decided by a short measured
+    load (measured_load.py) on the archive's own files ({name in the archive: path here}, laid out
+    in `folder` as a worker unpacks them, with `record`), the measurement recorded in the sizing."""
+    if options.workers and options.batch_size:
+        return options, sizing
+    folder.mkdir()
+    (folder / METADATA_FILE).write_text(record.to_json())
+    for name, source in files.items():
+        (folder / name).symlink_to(Path(source).resolve())
+    chosen = next((c for c in record.backend.selection.get("candidates", ()) if c["name"] == record.backend.name), {})
+    options, measured = size_by_load(folder, options, chosen.get("ms_batch_1"), archive_cores(), sample_jpeg())
+    return options, replace(sizing, measured=measured)
 
 
 def measured_effect(model, name: str, task, record: Record, options: ArchiveOptions):
@@ -206,15 +215,19 @@ def write_archive(record: Record, weights: Path, options: ArchiveOptions, model_
                 check_sha256(sha256)
             sizing = Sizing(decided=options.left_to_archiver(), cores=archive_cores())
             options, backend = tune(record, weights, model_dir, options, Path(exports))
+            files = {WEIGHTS_FILE: weights, **{Path(source).name: source for source in sources}}
             if backend["file"]:
                 exported = Path(backend["file"])
+                files[exported.name] = exported
                 backend = {**backend, "file": exported.name, "sha256": copy_into(mar, exported, exported.name)}
             record = replace(
                 record, version=options.version, versions=library_versions(),
                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 weights=replace(record.weights, file=WEIGHTS_FILE, sha256=sha256),
                 preset=replace(record.preset, jpeg_draft=options.jpeg_draft, decode=options.decode),
-                backend=Backend.from_dict(backend), sizing=sizing)
+                backend=Backend.from_dict(backend))
+            options, sizing = size(record, options, sizing, files, Path(exports) / "measuring")
+            record = replace(record, sizing=sizing)
             mar.writestr("MAR-INF/MANIFEST.json", manifest)
             mar.writestr(METADATA_FILE, record.to_json())
             mar.writestr(MODEL_CONFIG_FILE, yaml.safe_dump(options.model_config(), sort_keys=False))

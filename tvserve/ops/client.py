@@ -149,7 +149,7 @@ def post_with_retries(url: str, *, data: bytes, headers: dict, timeout: float, r
 def predict(model: str, image, *, url: str = DEFAULT_URL, topk: int = None, version: str = None,
             token: str = None, timeout: float = 60, retries: int = RETRIES, session=requests, options: dict = None):
     """The answer for one image (a path or bytes): for a classifier its top-k,
-    [{"label", "index", "probability"}, ...]; for the other tasks their answer (README). `options`
+    [{"label", "index", "probability"}, ...]; for the other tasks their answer (docs/models.md). `options`
     are the task's per-request options ({"threshold": 0.7}), sent as X-<name> headers.
     Pass a requests.Session as `session` to keep one connection across many predictions (its
     adapters are replaced by retrying ones). `timeout` is in seconds, for the connection and for

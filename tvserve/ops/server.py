@@ -48,7 +48,24 @@ def plugin_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tvserve"
 
 
-class Server:
+class RunsInBlock:
+    """A server process as a context manager: started and ready inside the block (stopped again where
+    it never became ready), stopped after. Subclasses give start(), wait_ready() and stop()."""
+
+    def __enter__(self):
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+
+class Server(RunsInBlock):
     """One TorchServe process tree (launcher, Java frontend, Python workers) in its own session.
 
     `workdir` holds its logs, temp files and state file, so servers never share files.
@@ -66,19 +83,6 @@ class Server:
         self.metrics_url = self.properties.get("metrics_address", "http://127.0.0.1:8082")
         self.process = None
         self.log_marks = {}  # where each log stood at the start: this run's lines come after
-
-    def __enter__(self) -> "Server":
-        """Starts the server and waits until it is READY; leaving the block stops it."""
-        self.start()
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc_info):
-        self.stop()
 
     @property
     def log_dir(self) -> Path:

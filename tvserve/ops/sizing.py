@@ -8,10 +8,13 @@ Here the serving machine's facts (GPU count, cores) re-size the decided ones:
   recorded it) keeps every size: it never says a size was decided.
 - With GPUs: WORKERS_PER_GPU workers per GPU, at most one per core (TorchServe hands GPUs to
   workers round-robin), batches of the task's GPU_BATCH, and a GPU_BATCH_DELAY_MS batch delay.
-- CPU only: the archive's values, which were tuned and tested there, except that decided workers
-  are re-chosen by the archiver's own rule (budget.cpu_workers) from the costs the archive measured
-  when this machine's cores differ from the archive machine's. The CPU batch rule compared timings
-  taken at the archive machine's thread count, which cannot be re-run here: batch and delay stay.
+- CPU only, on as many cores as the archive machine: the archive's values, chosen there by a
+  measured load (tvserve/archiving/measured_load.py). On other cores the decided workers are
+  re-planned from the shape of the measured winner (`measured_workers`): one worker with every
+  core's threads stays one worker (now with this machine's cores), many workers of a few threads
+  each become one per core here (at most budget.MAX_AUTO_WORKERS). The batch size and delay stay:
+  the load cannot be re-run here, and the winner's batch size is what its shape was measured with.
+  Archives sized before sizes were measured keep their workers.
 
 Pure apart from Machine.detect and plan_archive (which read the machine and the archive); no torch,
 so the server starts without importing it (handlers/budget.py).
@@ -21,8 +24,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from handlers.budget import cores, cpu_workers
-from handlers.record import DECODE_ENV, DEFAULT_DECODE, Sizing
+from handlers.budget import MAX_AUTO_WORKERS, cores
+from handlers.record import DECODE_ENV, DEFAULT_DECODE, MeasuredLoad, Sizing
 from tvserve import TvserveError
 from tvserve.archiving.mar import read_model_config, read_record, registered_version
 
@@ -150,18 +153,29 @@ def kept(size: str, archived: dict, sizing: Sizing) -> Size:
     return Size(archived[size], "given when archived")
 
 
-def plan_workers(archived: dict, sizing: Sizing, costs: dict, machine: Machine, decode: str = DEFAULT_DECODE) -> Size:
+def plan_workers(archived: dict, sizing: Sizing, machine: Machine, decode: str = DEFAULT_DECODE) -> Size:
     if sizing is None or "workers" not in sizing.decided:
         return kept("workers", archived, sizing)
     if machine.gpus:
         return gpu_workers(machine, machine.decode or decode)
     if machine.cores == sizing.cores:
-        return Size(archived["workers"], f"decided on {sizing.cores} cores, as here")
-    if costs.get("forward_ms") is None or costs.get("preprocess_ms") is None:
-        return Size(archived["workers"], f"decided on {sizing.cores} cores without recording its costs: kept")
-    workers = cpu_workers(machine.cores, costs["forward_ms"], costs["preprocess_ms"])
-    return Size(workers, f"CPU rule for {machine.cores} cores (archived on {sizing.cores}): forward "
-                         f"{costs['forward_ms']:g} ms vs preprocessing {costs['preprocess_ms']:g} ms on one thread")
+        how = "measured" if sizing.measured and sizing.measured.winner() else "decided"
+        return Size(archived["workers"], f"{how} on {sizing.cores} cores, as here")
+    if not (sizing.measured and sizing.measured.winner()):
+        return Size(archived["workers"], f"decided on {sizing.cores} cores without a measured load: kept")
+    return measured_workers(sizing.measured, sizing.cores, machine.cores)
+
+
+def measured_workers(measured: MeasuredLoad, measured_cores: int, cores: int) -> Size:
+    """The measured winner's shape on `cores` (re-planned: its cores differ from `measured_cores`):
+    one worker with every core's threads stays one, several workers become one per core."""
+    winner = measured.winner()
+    shape = f"re-planned for {cores} cores from the load measured on {measured_cores}: its winner, " \
+            f"{winner['workers']} worker(s) x {winner['threads']} threads,"
+    if winner["workers"] == 1:
+        return Size(1, f"{shape} keeps one worker, with {cores} threads here")
+    workers = min(cores, MAX_AUTO_WORKERS)
+    return Size(workers, f"{shape} becomes one per core here (at most {MAX_AUTO_WORKERS})")
 
 
 def gpu_workers(machine: Machine, decode: str) -> Size:
@@ -177,6 +191,8 @@ def plan_batch_size(archived: dict, sizing: Sizing, task: str, machine: Machine)
         return kept("batch_size", archived, sizing)
     if machine.gpus:
         return Size(GPU_BATCH.get(task, GPU_BATCH_OTHERS), f"fills a GPU for {task.replace('_', ' ')}")
+    if sizing.measured and sizing.measured.winner():
+        return Size(archived["batch_size"], f"measured on {sizing.cores} cores: kept on a CPU")
     return Size(archived["batch_size"], "decided on the archive's CPU: kept on a CPU")
 
 
@@ -188,13 +204,12 @@ def plan_batch_delay(archived: dict, sizing: Sizing, machine: Machine) -> Size:
     return Size(archived["max_batch_delay"], "archive default: kept on a CPU")
 
 
-def plan_sizes(archived: dict, sizing: Sizing, task: str, costs: dict, machine: Machine,
-               decode: str = DEFAULT_DECODE) -> dict:
+def plan_sizes(archived: dict, sizing: Sizing, task: str, machine: Machine, decode: str = DEFAULT_DECODE) -> dict:
     """{"workers", "batch_size", "max_batch_delay": Size} for one model on `machine`, from the
-    archive's own sizes (`archived_sizes`), its record's `sizing` (None for older archives), its
-    `task`, the costs its workers were decided on ({"forward_ms", "preprocess_ms"}, or {}) and
-    where its workers decode (its preset's `decode`; the server's TVSERVE_DECODE wins)."""
-    return {"workers": plan_workers(archived, sizing, costs, machine, decode),
+    archive's own sizes (`archived_sizes`), its record's `sizing` (None for older archives; its
+    measured load, where recorded), its `task` and where its workers decode (its preset's
+    `decode`; the server's TVSERVE_DECODE wins)."""
+    return {"workers": plan_workers(archived, sizing, machine, decode),
             "batch_size": plan_batch_size(archived, sizing, task, machine),
             "max_batch_delay": plan_batch_delay(archived, sizing, machine)}
 
@@ -207,9 +222,8 @@ def plan_archive(name: str, mar: Path, machine: Machine, default_workers: int) -
         record = read_record(mar)
     except TvserveError:
         record = None
-    selection = record.backend.selection if record and record.backend else {}
-    sizes = plan_sizes(archived, record and record.sizing, record.task if record else "classification",
-                       selection.get("workers") or {}, machine, record.preset.decode if record else DEFAULT_DECODE)
+    sizes = plan_sizes(archived, record and record.sizing, record.task if record else "classification", machine,
+                       record.preset.decode if record else DEFAULT_DECODE)
     return Plan(name=name, version=registered_version(mar), mar=Path(mar), archived=archived, **sizes)
 
 

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 GPU_BATCHES = (1, 8, 32, 64)
 GPU_PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 DECODES = ("pil", "tensor")
-PARITY_TOLERANCE = 1e-4  # fp32 on any device against fp32 on the CPU (the README's rule)
+PARITY_TOLERANCE = 1e-4  # fp32 on any device against fp32 on the CPU (docs/precision.md, "Precision")
 
 
 @dataclass

@@ -5,6 +5,8 @@
   (c) tvserve     over HTTP (wrk), the archive as `tvserve archive` builds it by default, and `serial`:
                   the same model without the worker's pipeline (batches of 1, no prepare pool)
   (d) stock       TorchServe's own image_classifier handler, eager: one worker, and its defaults
+  (e) litserve    LitServe 0.2.19, opt-in: the archive's model and weights, eager, the same PIL preset,
+                  1 and 2 workers at batch 1 and 4 (tvserve/tools/litserve_peer.py)
 plus `tvserve+draft` and `tvserve+tensor`, the same archive with the lossy --jpeg-draft or
 --gpu-decode (decode: tensor), and `int8` columns for (a),
 (b) and (c): the archive with --precision int8, calibrated on images of the model's own kind (the
@@ -12,7 +14,9 @@ book's Net: the digit scans it was not trained on, in class folders; a torchvisi
 the benchmark photos, or --calibration). Each lossy option's effect (largest probability change and
 top-1 and top-5 agreement, and the model inputs' difference, over the benchmark images) is
 reported, and int8's measured cost from its record. `--systems` picks which of tvserve, draft,
-tensor, int8 and stock run. Servers run one at a time.
+tensor, int8, stock and litserve run (litserve only when asked: it needs the `peers` extra). Each
+LitServe set-up's answers must equal the in-process handler's (probabilities within 1e-4) on every
+benchmark image before it is timed. Servers run one at a time.
 Output: Markdown and JSON in --out; the Markdown also goes to stdout.
 """
 
@@ -43,7 +47,9 @@ from tvserve.ops.properties import DEVELOPMENT_CONFIG, free_ports_config
 from tvserve.ops.server import Server
 from tvserve.tools.batches import BatchRun, batch_rows, markdown as batch_markdown, targets as batch_targets
 from tvserve.tools.inprocess import load_handler, predict, time_loop
+from tvserve.tools.inprocess import probabilities
 from tvserve.tools.loadgen import run_wrk, wrk_path
+from tvserve.tools.peers import LITSERVE_SETUPS, LitServePeer, litserve_name, require_litserve
 from tvserve.tools.photos import PHOTOS
 from tvserve.tools.stock import archive_stock_book_model, archive_stock_resnet18, stock_config
 
@@ -51,7 +57,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_SIZES = {"0.1MP": (387, 258), "0.5MP": (866, 577), "12MP": (4243, 2828)}
 BOOK_MODEL = "net"
-SYSTEMS = ("tvserve", "serial", "draft", "tensor", "int8", "stock")  # tvserve (fp32) always runs: the others are measured against it
+SYSTEMS = ("tvserve", "serial", "draft", "tensor", "int8", "stock", "litserve")  # tvserve (fp32) always runs: the others are measured against it
+OPT_IN = ("litserve",)  # another server's package (the `peers` extra): measured only when --systems names it
 GPU_ID = 0 if torch.cuda.is_available() else None  # in-process rows run where a worker would
 # On a GPU every worker runs eager PyTorch (handlers/runtimes.py): the fp32 archive says channels_last, as
 # cuDNN prefers, instead of timing CPU runtimes it will not use. Workers and batching are left to the
@@ -70,7 +77,7 @@ class BenchConfig:
     out: Path = Path("benchmarks")
     checkpoint: Path = Path("runs/digits_net/checkpoint.pt")  # the book's Net (trained if missing)
     http: bool = True  # False: in-process only (a machine without Java or wrk)
-    systems: tuple = SYSTEMS
+    systems: tuple = tuple(system for system in SYSTEMS if system not in OPT_IN)
     calibration: Path = None  # int8 calibration images for a torchvision model (default: crops of the photos)
     batches: BatchRun = None  # in-process rows by batch size, precision and decode path (tvserve/tools/batches.py)
     notes: list = field(default_factory=list)
@@ -157,6 +164,51 @@ def http_rows(system: str, model: str, server: Server, images: dict, config: Ben
                      result["p99_ms"], result["errors"], result["loadgen_cpu_pct"], result["machine_busy_pct"])
             rows.append({"model": model, "image": name, "system": system, "concurrency": concurrency, **result})
     return rows
+
+
+def answer_gap(answer: list, reference, labels: list) -> float:
+    """Largest |probability difference| between a top-k `answer` ([{"label", "index", "probability"}])
+    and the in-process probabilities Tensor[n_labels] of the same image: each answered class against
+    its own, and the answer's k probabilities against the reference's k largest (so a missing class
+    counts, and classes tied within the tolerance may come in either order); inf where a label is wrong."""
+    if any(labels[row["index"]] != row["label"] for row in answer):
+        return float("inf")
+    own = max(abs(row["probability"] - reference[row["index"]].item()) for row in answer)
+    top = reference.topk(len(answer)).values.tolist()
+    return max(own, *(abs(row["probability"] - value) for row, value in zip(answer, top)))
+
+
+def litserve_rows(model: str, handler, images: dict, config: BenchConfig) -> tuple:
+    """(rows, checks) of each LitServe set-up (LITSERVE_SETUPS) serving the archive `handler` was
+    loaded from, one server at a time: its answers on every benchmark image against the in-process
+    handler's first, then wrk at each concurrency, as http_rows. A set-up whose answers differ by
+    more than the task's tolerance (1e-4) is not timed. checks: [{"system", "max_probability_gap",
+    "images", "timed"}]."""
+    rows, checks = [], []
+    tolerance = handler.task.PARITY_TOLERANCE
+    bodies = [path.read_bytes() for paths in images.values() for path in paths]
+    references = [probabilities(handler, body) for body in bodies]
+    for workers, batch in LITSERVE_SETUPS:
+        system = litserve_name(workers, batch)
+        workdir = config.work / model / "servers" / f"litserve-{workers}w-b{batch}"
+        with LitServePeer(handler.model_dir, workdir=workdir, workers=workers, batch=batch) as peer:
+            gap = max(answer_gap(peer.predict(body), reference, handler.record.labels)
+                      for body, reference in zip(bodies, references))
+            checks.append({"system": system, "max_probability_gap": gap, "images": len(bodies), "timed": gap <= tolerance})
+            if gap > tolerance:
+                log.error("%s %s: answers differ from in-process by up to %.2e (> %g): not timed", system, model, gap,
+                          tolerance)
+                config.notes.append(f"{model}: {system} NOT TIMED: its answers differ from in-process by up to "
+                                    f"{gap:.2e} (tolerance {tolerance:g}); its log: {workdir / 'console.log'}")
+                continue
+            for name, paths in images.items():
+                for concurrency in config.concurrency:
+                    run_wrk(peer.predict_url, paths[0], concurrency=concurrency, duration=config.warmup)
+                    result = run_wrk(peer.predict_url, paths[0], concurrency=concurrency, duration=config.duration)
+                    log.info("%-16s %-8s %-6s c=%-2d %7.1f req/s p50 %7.1f ms p99 %7.1f ms errors %d", system, model,
+                             name, concurrency, result["rps"], result["p50_ms"], result["p99_ms"], result["errors"])
+                    rows.append({"model": model, "image": name, "system": system, "concurrency": concurrency, **result})
+    return rows, checks
 
 
 def write_digits_folder(folder: Path) -> Path:
@@ -257,12 +309,19 @@ def bench_model(model: str, images: dict, config: BenchConfig) -> dict:
         workdir = base / "servers" / "".join(c if c.isalnum() else "-" for c in system)
         with Server(model_store=store, config=properties, workdir=workdir, env=env) as server:
             rows += http_rows(system, model, server, images, config)
+    peers = None
+    if config.http and "litserve" in config.systems:
+        if handlers["tvserve"].record.task == "classification":
+            peer_rows, peers = litserve_rows(model, handlers["tvserve"], images, config)
+            rows += peer_rows
+        else:
+            config.notes.append(f"{model}: no LitServe rows (the peer serves classifiers)")
     backends = {system: handler.record.backend.to_dict() for system, handler in handlers.items()}
     batches = config.batches and batch_rows(model, stores["tvserve"] / f"{model}.mar",
                                             [paths[0].read_bytes() for paths in images.values()],
                                             config.work / "unpacked" / model / "batches", config.batches)
     return {"rows": rows, "lossy": effects, "backend": backends["tvserve"], "int8_backend": backends.get("int8"),
-            "batches": batches}
+            "batches": batches, "litserve": peers}
 
 
 def machine() -> dict:
@@ -274,6 +333,8 @@ def machine() -> dict:
 def run(config: BenchConfig) -> dict:
     if config.http:
         wrk_path()  # fail before any slow work
+        if "litserve" in config.systems:
+            require_litserve()
     else:
         config.notes.append("in-process only (--no-http): no TorchServe or wrk on this machine")
     images = make_images(config.work / "images", {name: IMAGE_SIZES[name] for name in config.images})
@@ -343,7 +404,7 @@ def targets(report: dict) -> list:
         for stock in ("(d) stock, 1 worker", "(d) stock, defaults"):
             for name in sorted({row["image"] for row in rows}):
                 add(f"Net {name} c=16 req/s, tvserve / {stock[4:]}", ratio(rps(rows, "(c) tvserve", name, 16), rps(rows, stock, name, 16)), 2)
-    return out + pipeline_targets(report) + int8_targets(report)
+    return out + pipeline_targets(report) + int8_targets(report) + litserve_targets(report)
 
 
 def pipeline_targets(report: dict) -> list:
@@ -372,6 +433,20 @@ def goal(name: str, value, target, at_least: bool = True) -> dict:
     """One target row: the measured value against `target` (None: not measured)."""
     met = None if value is None else (value >= target if at_least else value <= target)
     return {"target": name, "ratio": value, "goal": f"{'>=' if at_least else '<='} {target}", "met": met}
+
+
+def litserve_targets(report: dict) -> list:
+    """Issue #22's targets against LitServe: tvserve's req/s over the best LitServe set-up's at the
+    same point (None where either did not run)."""
+    out = []
+    rows = report["models"].get("resnet18", {}).get("rows", [])
+    for concurrency in (4, 16):
+        ours = find(rows, system="(c) tvserve", image="0.5MP", concurrency=concurrency)
+        peers = [row["rps"] for row in rows if row["system"].startswith("(e) litserve")
+                 and row["image"] == "0.5MP" and row["concurrency"] == concurrency]
+        out.append(goal(f"resnet18 0.5MP c={concurrency} req/s, tvserve / best LitServe set-up",
+                        ratio(ours and ours["rps"], max(peers, default=None)), 1.3))
+    return out
 
 
 def forward_rps(rows: list, int8: bool) -> float:
@@ -436,6 +511,11 @@ def markdown(report: dict, command: str) -> str:
                          f"| {fmt(row.get('machine_busy_pct'))} |")
         for option, lossy in result["lossy"].items():
             lines += ["", f"Lossy `{OPTION_FLAGS[option]}` over the {lossy['images']} benchmark images: {effect_line(lossy)}."]
+        if result.get("litserve"):
+            checks = result["litserve"]
+            lines += ["", f"LitServe against in-process over the {checks[0]['images']} benchmark images, largest probability "
+                      "difference: " + "; ".join(f"{check['system'][len('(e) litserve, '):]} {check['max_probability_gap']:.1e}"
+                                                 + ("" if check["timed"] else " (NOT TIMED)") for check in checks) + "."]
         cost = (result.get("int8_backend") or {}).get("quantization")
         if cost:
             from tvserve.archiving.calibration import summary
@@ -462,19 +542,20 @@ OPTION_FLAGS = {"jpeg_draft": "--jpeg-draft", "decode_tensor": "--gpu-decode", "
 WIDE_COLUMNS = (("(a) forward", "(a) forward,"), ("(a) int8", "(a) forward int8,"), ("(b) pipeline", "(b) pipeline,"),
                 ("(b) int8", "(b) pipeline int8,"), ("(c) tvserve", "(c) tvserve"), ("(c) tvserve int8", "(c) tvserve int8"),
                 ("(c) +draft", "(c) tvserve+draft"), ("(c) +tensor", "(c) tvserve+tensor"), ("(d) stock, 1 worker", "(d) stock, 1 worker"),
-                ("(d) stock, defaults", "(d) stock, defaults"))
+                ("(d) stock, defaults", "(d) stock, defaults"),
+                *((litserve_name(*setup),) * 2 for setup in LITSERVE_SETUPS))
 
 
 def wide_table(rows: list) -> list:
     """Markdown lines: one row per image and concurrency, one column per system (those measured):
-    req/s, and p50 / p99 ms for the HTTP ones (the README's Performance table)."""
+    req/s, and p50 / p99 ms for the HTTP ones (docs/performance.md, "Latest figures")."""
     def cell(image, concurrency, prefix):
         row = next((r for r in rows if r["image"] == image and r["concurrency"] == concurrency
-                    and (r["system"] == prefix or r["system"].startswith(prefix) and prefix.endswith(","))
-                    and ", batch " not in r["system"]), None)
+                    and (r["system"] == prefix or r["system"].startswith(prefix) and prefix.endswith(",")
+                         and ", batch " not in r["system"])), None)
         if row is None:
             return ""
-        return f"{row['rps']:.1f}" + (f" ({row['p50_ms']:.0f} / {row['p99_ms']:.0f})" if row["system"].startswith(("(c)", "(d)")) else "")
+        return f"{row['rps']:.1f}" + (f" ({row['p50_ms']:.0f} / {row['p99_ms']:.0f})" if row["system"].startswith(("(c)", "(d)", "(e)")) else "")
 
     points = list(dict.fromkeys((r["image"], r["concurrency"]) for r in sorted(rows, key=lambda r: r["concurrency"])))
     points = sorted(points, key=lambda p: (list(IMAGE_SIZES).index(p[0]) if p[0] in IMAGE_SIZES else 99, p[1]))

@@ -24,6 +24,12 @@ def load_handler(mar: Path, folder: Path, *, threads: int = None, gpu_id: int = 
     config = yaml.safe_load((folder / "model-config.yaml").read_text()) or {}
     if threads:
         config = {**config, "handler": {**(config.get("handler") or {}), "threads": threads}}
+    return initialise(folder, config, gpu_id=gpu_id)
+
+
+def initialise(folder: Path, config: dict, gpu_id: int = None) -> TvserveHandler:
+    """The handler initialised from the archive files in `folder` with the model-config.yaml `config`,
+    as a worker initialises it (also the archiver's measuring workers: tvserve/archiving/measured_load.py)."""
     context = types.SimpleNamespace(
         system_properties={"model_dir": str(folder), "gpu_id": gpu_id}, model_yaml_config=config,
     )

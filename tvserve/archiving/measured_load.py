@@ -1,0 +1,186 @@
+"""Sizing an archive by a short measured load on the machine that builds it (#22): its workers,
+their threads and its batch size, for the sizes the user left to the archiver.
+
+No TorchServe: its dispatch is emulated here. `workers` worker processes (multiprocessing spawn)
+each initialise the real handler from the archive's own files with the candidate's threads, as a
+TorchServe worker does; a dispatcher in this process holds `c` closed-loop clients (each sends its
+next request as soon as its answer is back). A free worker takes up to `batch` queued requests at
+once, as TorchServe's BatchAggregator does with a ~0 ms batch delay, and runs them through
+`handler.handle(requests, context)`; a request's latency is its queue wait plus its batch's time.
+Every request is the 0.5 MP photo-like JPEG the archiver times preprocessing with (tuning.sample_jpeg),
+which every task's handler decodes.
+
+Candidates: workers in {1, the cores (at most budget.MAX_AUTO_WORKERS)} x batch in {1, BATCH_SIZE},
+each worker with cores // workers threads (or --threads); a size the user gave is the only value
+tried. Each is measured at c=1 (p50) and at c=cores (req/s), POINT_S each after WARMUP_S. At c=1
+there is never more than one request queued, so a candidate's batch size cannot matter there: c=1
+is measured once per worker count. The choice (`choose`): the fastest at load whose c=1 p50 is
+within P50_MARGIN of the fastest c=1 p50.
+
+What is not measured, and why:
+- the batch delay stays options.DEFAULT_MAX_BATCH_DELAY (1 ms): with closed-loop clients a longer
+  delay only adds its wait at low load (measured on 2 cores, resnet18 OpenVINO, 1 x 2 threads,
+  batch 8: delay 5 ms gave c=1 29.3 req/s against 34.4 at 1 ms, and no more at c=4 or c=16);
+- the prepare pool keeps its default (the worker's torch threads), to keep archiving in seconds;
+- models whose batch-1 forward (timed when the backend was chosen) exceeds MAX_FORWARD_MS
+  (detection and segmentation on a few cores: seconds): a point of a second would hold one or two
+  requests and decide on noise, while measuring them properly would take minutes per archive. They
+  get one worker with every core's threads (the forward is the work, and it uses them all) and
+  batches of BATCH_SIZE (the pipeline decodes the later requests during the forward), the record
+  saying why.
+"""
+
+import logging
+import multiprocessing
+import statistics
+import time
+from collections import deque
+from dataclasses import replace
+from multiprocessing.connection import wait
+from pathlib import Path
+
+from handlers.budget import MAX_AUTO_WORKERS
+from handlers.record import MeasuredLoad
+from tvserve import TvserveError
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 8  # the batched candidate: the worker's pipeline overlaps a batch's decoding with its forward
+POINT_S = 1.0  # s measured per point: a few dozen requests for a classifier on 2 cores
+WARMUP_S = 0.3  # s of the same load first, unmeasured (runtimes settle their threads and caches)
+P50_MARGIN = 0.10  # a candidate may be this much slower than the fastest alone, and no more
+MAX_FORWARD_MS = 250  # slower batch-1 forwards are not measured (see the module docstring)
+START_TIMEOUT_S = 600  # a worker that has not loaded the model by then is taken as stuck
+
+
+def candidates_for(options, cores: int) -> list:
+    """[(workers, threads, batch_size)] to measure: the sizes the user gave, alone, else the
+    candidates of the module docstring."""
+    workers = (options.workers,) if options.workers else tuple(dict.fromkeys((1, min(cores, MAX_AUTO_WORKERS))))
+    batches = (options.batch_size,) if options.batch_size else (1, BATCH_SIZE)
+    return [(w, options.threads or max(1, cores // w), b) for w in workers for b in batches]
+
+
+def choose(candidates: list) -> tuple:
+    """(index, why) of the fastest at load ("load_rps") of the candidates whose "c1_p50_ms" is within
+    P50_MARGIN of the fastest one's; on equal load the first listed."""
+    fastest = min(c["c1_p50_ms"] for c in candidates)
+    eligible = [i for i, c in enumerate(candidates) if c["c1_p50_ms"] <= fastest * (1 + P50_MARGIN)]
+    best = max(eligible, key=lambda i: candidates[i]["load_rps"])
+    return best, (f"the most req/s at load ({candidates[best]['load_rps']:g}) of the {len(eligible)} of "
+                  f"{len(candidates)} candidates whose c=1 p50 is within {P50_MARGIN:.0%} of the fastest "
+                  f"({fastest:g} ms)")
+
+
+def size_by_load(folder: Path, options, forward_ms: float, cores: int, body: bytes) -> tuple:
+    """(options with workers and batch_size decided, MeasuredLoad) for the archive whose files are
+    unpacked in `folder` (its record, weights and exported model), on `cores`. `forward_ms`: its
+    batch-1 forward as timed when its backend was chosen (None: unknown, measured anyway)."""
+    if forward_ms is not None and forward_ms > MAX_FORWARD_MS:
+        why = (f"not measured: a batch-1 forward takes {forward_ms:.0f} ms here (over {MAX_FORWARD_MS} ms), too "
+               f"few requests for a point of {POINT_S:g} s; one worker with every core's threads (the forward is "
+               f"the work) and batches of {BATCH_SIZE} (decoding overlaps the forward)")
+        log.info("sizing: %s", why)
+        return (replace(options, workers=options.workers or 1, batch_size=options.batch_size or BATCH_SIZE),
+                MeasuredLoad(concurrency=cores, point_s=POINT_S, candidates=[], why=why))
+    measured = measure(folder, candidates_for(options, cores), cores, body)
+    chosen, why = choose(measured)
+    winner = measured[chosen]
+    log.info("sizing: %d worker(s) x %d threads, batch %d: %s", winner["workers"], winner["threads"],
+             winner["batch_size"], why)
+    return (replace(options, workers=winner["workers"], batch_size=winner["batch_size"]),
+            MeasuredLoad(concurrency=cores, point_s=POINT_S, candidates=measured, chosen=chosen, why=why))
+
+
+def measure(folder: Path, candidates: list, concurrency: int, body: bytes) -> list:
+    """Each candidate (workers, threads, batch) measured: {"workers", "threads", "batch_size",
+    "c1_p50_ms", "load_rps"}. The processes of the most workers are started once and re-initialised
+    for each worker count (fewer workers: the first ones)."""
+    spawn = multiprocessing.get_context("spawn")
+    pipes = [spawn.Pipe() for _ in range(max(w for w, _, _ in candidates))]
+    processes = [spawn.Process(target=worker_loop, args=(str(folder), child), daemon=True) for _, child in pipes]
+    for process in processes:
+        process.start()
+    conns = [parent for parent, _ in pipes]
+    results = []
+    try:
+        for workers, threads in dict.fromkeys((w, t) for w, t, _ in candidates):
+            started = conns[:workers]
+            for conn in started:
+                conn.send(("init", threads, body))
+            for conn in started:
+                answer(conn, START_TIMEOUT_S)
+            alone = load_point(started, clients=1, batch=1)
+            for w, t, batch in candidates:
+                if (w, t) == (workers, threads):
+                    loaded = load_point(started, clients=concurrency, batch=batch)
+                    results.append({"workers": w, "threads": t, "batch_size": batch,
+                                    "c1_p50_ms": alone["p50_ms"], "load_rps": loaded["rps"]})
+                    log.info("sizing: %d worker(s) x %d threads, batch %d: c=1 p50 %.1f ms, c=%d %.1f req/s", w, t,
+                             batch, alone["p50_ms"], concurrency, loaded["rps"])
+    finally:
+        for conn in conns:
+            conn.send(("stop",))
+        for process in processes:
+            process.join(timeout=30)
+    return results
+
+
+def answer(conn, timeout: float):
+    """The worker's next message; TvserveError where it died (its traceback is on stderr) or hangs."""
+    try:
+        if conn.poll(timeout):
+            return conn.recv()
+    except EOFError:
+        pass
+    raise TvserveError("sizing: a measuring worker failed (its traceback is above); archive with --workers and "
+                       "--batch-size to skip the measurement.")
+
+
+def load_point(conns: list, clients: int, batch: int) -> dict:
+    """`clients` closed-loop clients served by the workers behind `conns`, each free worker taking up
+    to `batch` queued requests: {"rps", "p50_ms"} of the requests answered in POINT_S after WARMUP_S
+    (longer where none was answered by then: a slow model's point holds at least one answer)."""
+    queue = deque([time.perf_counter()] * clients)  # each queued request's arrival time
+    free, held, latencies = deque(conns), {}, []
+    start = time.perf_counter() + WARMUP_S
+    last = end = start + POINT_S
+    while held or queue:
+        while free and queue:
+            conn = free.popleft()
+            held[conn] = [queue.popleft() for _ in range(min(batch, len(queue)))]
+            conn.send(("handle", len(held[conn])))
+        for conn in wait(list(held)):
+            answer(conn, 0)
+            done = time.perf_counter()
+            arrivals = held.pop(conn)
+            free.append(conn)
+            if done >= start and (done <= end or not latencies):
+                latencies += [(done - arrival) * 1000 for arrival in arrivals]
+                last = done
+            if done < end or not latencies:
+                queue.extend([done] * len(arrivals))  # each client sends its next request at once
+    return {"rps": round(len(latencies) / max(POINT_S, last - start), 1),
+            "p50_ms": round(statistics.median(latencies), 2)}
+
+
+def worker_loop(folder: str, conn) -> None:
+    """A measuring worker's process: ("init", threads, body) (re)initialises the handler from the
+    archive's files in `folder` with `threads`; ("handle", n) runs a batch of n requests of `body`
+    through it; ("stop",) ends."""
+    from tvserve.tools.batches import run_handle
+    from tvserve.tools.inprocess import initialise
+
+    handler, body = None, None
+    while True:
+        message = conn.recv()
+        if message[0] == "init":
+            if handler is not None and handler.prepare_pool.executor is not None:
+                handler.prepare_pool.executor.shutdown()
+            handler, body = initialise(Path(folder), {"handler": {"threads": message[1]}}), message[2]
+            conn.send("ready")
+        elif message[0] == "handle":
+            run_handle(handler, [{"body": bytearray(body)} for _ in range(message[1])])
+            conn.send("done")
+        else:
+            return
