@@ -104,7 +104,7 @@ def quantized_resnet18(server, model_store, work):
     (once the server runs: it registers the archive itself)."""
     weights_file = random_quantized_weights("quantized_resnet18", work / "quantized_resnet18-random.pth")
     return archive_torchvision("quantized_resnet18", weights_file=weights_file,
-                               options=ArchiveOptions(export_path=model_store, workers=1)), weights_file
+                               options=ArchiveOptions(export_path=model_store, workers=1, batch_size=1)), weights_file
 
 
 def test_quantized_resnet18_records_its_engine_and_fp32_counterpart(quantized_resnet18):
