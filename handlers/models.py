@@ -51,9 +51,18 @@ def build_model(model_dir: Path, spec: ModelSpec, state_dict: dict = None) -> to
     raise ValueError(f"Unknown model builder {spec.builder!r}: this archive needs a newer tvserve.")
 
 
+def build_loaded(model_dir: Path, spec: ModelSpec, state_dict: dict) -> torch.nn.Module:
+    """The module `spec` names with `state_dict` loaded strictly: after building it, or, for a spec
+    built for its weights, by torchvision's builder itself (strictly), where those weights go; for
+    quantized_mobilenet_v3_large that is before its conversion to int8 (its weights are the state
+    of quantization-aware training), so loading them again afterwards would not fit."""
+    model = build_model(model_dir, spec, state_dict)
+    if not spec.weights:
+        model.load_state_dict(state_dict, strict=True)
+    return model
+
+
 def load_model(model_dir: Path, record: Record) -> torch.nn.Module:
-    """Builds the model, loads its verified weights strictly, and switches it to eval mode."""
+    """Builds the model with its verified weights loaded strictly, in eval mode."""
     weights = torch.load(record.weights.verified(model_dir), map_location="cpu", weights_only=True)
-    model = build_model(model_dir, record.model, weights)
-    model.load_state_dict(weights, strict=True)
-    return model.eval()
+    return build_loaded(model_dir, record.model, weights).eval()

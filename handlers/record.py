@@ -7,7 +7,8 @@ its weights and its runtime. The archiver writes it (tvserve/archiving/) and the
      "preset": {"resize": 256, "crop": 224, "interpolation": "bilinear", "mean": [...], "std": [...]},
      "labels": [...], "weights": {"file": "weights.pt", "sha256": "...", "origin": "file", ...},
      "backend": {"name": "onnxruntime", "file": "model.onnx", "sha256": "...", "selection": {...}},
-       (an int8 archive's backend adds "precision": "int8" and "quantization": {...}, its measured cost;
+       (an int8 archive's backend adds "precision": "int8" and "quantization": {...}, its measured cost,
+        or, for a classifier torchvision quantized, "counterpart": {...}, the fp32 model's accuracy and time;
         a tf32, bf16 or fp16 one its "precision" and "effect": {...}, measured against fp32)
      "sizing": {"decided": ["workers", "batch_size", "max_batch_delay"], "cores": 2,
                 "measured": {"concurrency": 2, "point_s": 1.0, "candidates": [...], "chosen": 0, "why": "..."}},
@@ -164,7 +165,9 @@ class Quantization(Measurement):
     """What a reduced precision cost, measured at archive time (tvserve/archiving/calibration.py) on
     the held-out part of the user's calibration images, preprocessed as the worker does: top-1
     agreement with the fp32 model (fraction), the largest change of any softmax probability, and,
-    where the folder's sub-folders name the labels, the top-1 accuracy (fraction) of both."""
+    where the folder's sub-folders name the labels, the top-1 accuracy (fraction) of both. int8 is
+    made by the recipe (calibration method, per-channel or per-tensor weights, QOperator or QDQ)
+    that agreed best of those `tried` on the same held-out images (calibration.choose_recipe)."""
 
     method: str
     calibration_dir: str
@@ -175,6 +178,8 @@ class Quantization(Measurement):
     min_agreement: float  # the threshold the archive was held to
     accuracy_fp32: float = None  # None: the images' labels were not known
     accuracy_int8: float = None
+    recipe: dict = None  # the quantizer's choices kept (method, per_channel, quant_format); None: before the search
+    tried: list = None  # every recipe tried: its choices, top1_agreement, max_probability_change, seconds; or skipped
 
 
 @dataclass
@@ -198,31 +203,53 @@ class PrecisionEffect(Measurement):
 
 
 @dataclass
+class Counterpart(Measurement):
+    """A classifier torchvision quantized (torchvision.models.quantization) against the fp32 model its
+    int8 weights were made from (their meta's "unquantized"): ImageNet-1K top-1 accuracy (%) of both,
+    from torchvision's meta (not measured here), and the median forward of one image, batch 1, on
+    `threads` threads of this CPU (ms), both timed in turns at archive time (tvserve/archiving/tuning.py;
+    the fp32 model with random weights: its values do not change its time)."""
+
+    model: str  # the fp32 model, e.g. resnet18
+    weights: str  # its weights, e.g. ResNet18_Weights.IMAGENET1K_V1
+    engine: str  # the quantized engine the int8 weights were made for: fbgemm or qnnpack
+    acc1_int8: float
+    acc1_fp32: float
+    forward_ms_int8: float
+    forward_ms_fp32: float
+    threads: int
+
+
+@dataclass
 class Backend(FileEntry):
     """The runtime the worker runs the model with (handlers/runtimes.py), its exported file (none
     for eager), the measurements it was chosen on (tvserve/archiving/tuning.py) and its precision: fp32
     (records before int8 existed read as fp32), int8 with its measured `quantization` cost, or
-    tf32, bf16, fp16 with their measured `effect`."""
+    tf32, bf16, fp16 with their measured `effect`; a classifier torchvision quantized runs int8 on its
+    engine's runtime (quantized_fbgemm, quantized_qnnpack), with its `counterpart`, the fp32 model."""
 
     name: str = "eager"
     selection: dict = field(default_factory=dict)
     precision: str = "fp32"
     quantization: Quantization = None
     effect: PrecisionEffect = None
+    counterpart: Counterpart = None
 
     def to_dict(self) -> dict:
         out = {"name": self.name, "file": self.file, "sha256": self.sha256, "precision": self.precision,
                "quantization": self.quantization and self.quantization.to_dict(),
-               "effect": self.effect and self.effect.to_dict(), "selection": self.selection}
+               "effect": self.effect and self.effect.to_dict(),
+               "counterpart": self.counterpart and self.counterpart.to_dict(), "selection": self.selection}
         return {key: value for key, value in out.items() if value is not None}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Backend":
-        quantization, effect = data.get("quantization"), data.get("effect")
+        quantization, effect, counterpart = data.get("quantization"), data.get("effect"), data.get("counterpart")
         return cls(name=data["name"], file=data.get("file"), sha256=data.get("sha256"),
                    selection=dict(data.get("selection") or {}), precision=data.get("precision", "fp32"),
                    quantization=Quantization.from_dict(quantization) if quantization else None,
-                   effect=PrecisionEffect.from_dict(effect) if effect else None)
+                   effect=PrecisionEffect.from_dict(effect) if effect else None,
+                   counterpart=Counterpart.from_dict(counterpart) if counterpart else None)
 
 
 SIZES = ("workers", "batch_size", "max_batch_delay")  # model-config.yaml's serving sizes, as ArchiveOptions names them

@@ -1,5 +1,6 @@
 """Runtimes the worker can run a model with, one registry entry each: eager PyTorch (NCHW or
-channels_last), frozen TorchScript, ONNX Runtime and OpenVINO in float32, and ONNX Runtime in int8.
+channels_last), frozen TorchScript, ONNX Runtime and OpenVINO in float32, ONNX Runtime in int8,
+and PyTorch's own quantized engines (fbgemm, qnnpack) for torchvision's int8 classifiers.
 
 An entry names its exported file (none for eager), how to export it from the eager model (used at
 archive time, tvserve/archiving/tuning.py), how to load it (used in the worker) and its precision.
@@ -13,6 +14,8 @@ handlers/precision.py), the worker runs eager from the weights, in channels_last
 chose it (runtime_for). Adding a runtime is one `Runtime(...)` in RUNTIMES.
 """
 
+import contextlib
+import io
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -104,6 +107,20 @@ class OpenVino:
         return torch.from_numpy(self.request.infer([batch.numpy()])[0].copy())
 
 
+class Quantized:
+    """A torch.ao int8 module (torchvision.models.quantization) on the CPU, on the quantized engine its
+    weights were packed for. PyTorch keeps one engine per process, so it is set before each forward
+    (one attribute write): runners of both engines can share a process (the archiver, tests). Its
+    int8 kernels exist for the CPU only: a batch on another device is copied to the CPU."""
+
+    def __init__(self, model: torch.nn.Module, engine: str):
+        self.model, self.engine = model.eval(), engine
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        torch.backends.quantized.engine = self.engine
+        return self.model(batch.cpu())
+
+
 def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
     with torch.no_grad():
         torch.jit.save(torch.jit.trace(model, example), str(path))  # frozen when loaded
@@ -116,35 +133,82 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> No
                           dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
 
 
-INT8_METHOD = ("onnxruntime.quantization.quantize_static: QOperator ops, int8 weights per output channel, "
-               "uint8 activations, MinMax ranges from the calibration images")
+@dataclass(frozen=True)
+class Int8Recipe:
+    """How ONNX Runtime's static quantizer makes the int8 model: the activation ranges' calibration
+    `method` (MinMax: the extremes seen; Percentile: the 99.999th percentile of |x|; Entropy: the
+    range whose 8-bit histogram keeps the KL divergence from the full one smallest, entropy_ranges), int8 weights `per_channel` (one scale
+    per output channel) or per tensor, and the graph's `quant_format`: QOperator (quantized
+    operators, e.g. QLinearConv) or QDQ (QuantizeLinear/DequantizeLinear pairs around float
+    operators, fused by ONNX Runtime). Activations are uint8, weights int8, whatever the recipe."""
+
+    method: str = "MinMax"
+    per_channel: bool = True
+    quant_format: str = "QOperator"
+
+    def describe(self) -> str:
+        return (f"onnxruntime.quantization.quantize_static: {self.quant_format} ops, int8 weights per "
+                f"{'output channel' if self.per_channel else 'tensor'}, uint8 activations, {self.method} ranges "
+                "from the calibration images")
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "per_channel": self.per_channel, "quant_format": self.quant_format}
+
+
+DEFAULT_INT8_RECIPE = Int8Recipe()  # the first tried: the fastest here (docs/precision.md)
 
 
 class CalibrationBatches:
-    """ONNX Runtime's CalibrationDataReader over preprocessed images: one {input: array} per
-    Tensor[N, 3, H, W] float32 batch, then None."""
+    """ONNX Runtime's CalibrationDataReader over preprocessed images, Tensor[N, 3, H, W] float32
+    batches: one {input: array[1, 3, H, W]} per image, then None. One image at a time: ONNX Runtime
+    1.32's histogram calibrators (Percentile, Entropy) stack what they collect and fail on a last
+    batch smaller than the others."""
 
     def __init__(self, batches, input_name: str = "image"):
-        self.batches, self.input_name = iter(batches), input_name
+        self.images, self.input_name = (image for batch in batches for image in batch.split(1)), input_name
 
     def get_next(self):
-        batch = next(self.batches, None)
-        return None if batch is None else {self.input_name: batch.numpy()}
+        image = next(self.images, None)
+        return None if image is None else {self.input_name: image.numpy()}
 
 
-def export_onnx_int8(model: torch.nn.Module, example: torch.Tensor, path: Path, calibration=()) -> None:
-    """Post-training static quantization of the ONNX export (INT8_METHOD): activation ranges from
+ENTROPY_BINS = {"num_bins": 2048, "num_quantized_bins": 128}  # TensorRT's: 2048-bin histograms, 128-bin candidates
+
+
+def entropy_ranges(prepared: Path, calibration, cache: Path) -> None:
+    """Writes ONNX Runtime's calibration cache `cache` with Entropy ranges (the KL-divergence search
+    TensorRT uses) from ENTROPY_BINS histograms of `calibration` batches. quantize_static's own
+    Entropy passes no bin counts: 128 bins searched at 128 leave one candidate, the whole range."""
+    from onnxruntime.quantization import CalibrationMethod, create_calibrator, save_tensors_data
+
+    calibrator = create_calibrator(prepared, augmented_model_path=str(Path(prepared).with_name("augmented.onnx")),
+                                   calibrate_method=CalibrationMethod.Entropy, extra_options=ENTROPY_BINS)
+    calibrator.collect_data(CalibrationBatches(calibration))
+    save_tensors_data(calibrator.compute_data(), cache)
+
+
+def export_onnx_int8(model: torch.nn.Module, example: torch.Tensor, path: Path, calibration=(),
+                     recipe: Int8Recipe = DEFAULT_INT8_RECIPE, ranges: Path = None) -> None:
+    """Post-training static quantization of the ONNX export by `recipe`: activation ranges from
     `calibration`, an iterable of Tensor[N, 3, H, W] float32 batches preprocessed as the worker
-    does. The quantizer runs at archive time only; the worker needs ONNX Runtime alone."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    does. `ranges` (optional): ONNX Runtime's calibration cache, a JSON file of the ranges, written
+    on first use and read after, so that recipes of one method share one calibration. The
+    quantizer runs at archive time only; the worker needs ONNX Runtime alone."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with tempfile.TemporaryDirectory(prefix="tvserve-int8-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tvserve-int8-") as tmp, \
+            contextlib.redirect_stdout(io.StringIO()):  # the calibrators print their progress: not on the CLI's stdout
         fp32, prepared = Path(tmp) / "fp32.onnx", Path(tmp) / "prepared.onnx"
         export_onnx(model, example, fp32)
         quant_pre_process(str(fp32), str(prepared))  # shapes inferred and graph folded, as the quantizer expects
-        quantize_static(str(prepared), str(path), CalibrationBatches(calibration), quant_format=QuantFormat.QOperator,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        ranges = Path(ranges or Path(tmp) / "ranges.json")
+        if recipe.method == "Entropy" and not ranges.exists():
+            entropy_ranges(prepared, calibration, ranges)
+        quantize_static(str(prepared), str(path), CalibrationBatches(calibration),
+                        quant_format=QuantFormat[recipe.quant_format], per_channel=recipe.per_channel,
+                        calibrate_method=CalibrationMethod[recipe.method], calibration_cache_path=ranges,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
 @dataclass(frozen=True)
@@ -158,6 +222,7 @@ class Runtime:
     file: str = None
     export: Callable = None
     precision: str = "fp32"  # fp32: within the task's parity tolerance of eager; int8: measured on images
+    engine: str = None  # a quantized engine: serves only models torchvision quantized for it, never tried on others
 
 
 RUNTIMES = {runtime.name: runtime for runtime in (
@@ -168,6 +233,8 @@ RUNTIMES = {runtime.name: runtime for runtime in (
     Runtime("openvino", lambda path, threads, **_: OpenVino(path, threads), "model.onnx", export_onnx),
     Runtime("onnxruntime_int8", lambda path, threads, **_: OnnxRuntime(path, threads), "model.int8.onnx",
             export_onnx_int8, precision="int8"),
+    *(Runtime(f"quantized_{engine}", lambda model, engine=engine, **_: Quantized(model, engine), precision="int8",
+              engine=engine) for engine in ("fbgemm", "qnnpack")),
 )}
 
 
@@ -177,12 +244,14 @@ def get_runtime(name: str) -> Runtime:
     return RUNTIMES[name]
 
 
-def export(name: str, model: torch.nn.Module, crop: int, folder: Path, calibration=None) -> Path:
+def export(name: str, model: torch.nn.Module, crop: int, folder: Path, calibration=None,
+           recipe: Int8Recipe = DEFAULT_INT8_RECIPE, ranges: Path = None) -> Path:
     """Writes runtime `name`'s file for `model` (eval mode, CPU) into `folder`; returns its path.
-    An int8 runtime needs `calibration`: Tensor[N, 3, crop, crop] float32 batches."""
+    An int8 runtime needs `calibration`: Tensor[N, 3, crop, crop] float32 batches, quantized by
+    `recipe`, with its activation ranges kept in (or read from) `ranges` when given."""
     runtime = get_runtime(name)
     path = Path(folder) / runtime.file
-    extra = {} if runtime.precision == "fp32" else {"calibration": calibration}
+    extra = {} if runtime.precision == "fp32" else {"calibration": calibration, "recipe": recipe, "ranges": ranges}
     if runtime.precision != "fp32" and not calibration:
         raise ValueError(f"Backend {name} runs in {runtime.precision} and needs calibration images.")
     with warnings.catch_warnings():
@@ -207,21 +276,35 @@ def load_runner(name: str, *, model=None, path=None, threads: int = 1, device: s
     return get_runtime(runtime_for(name, device)).load(model=model, path=path, threads=threads, device=device)
 
 
-EAGER = tuple(name for name, runtime in RUNTIMES.items() if runtime.file is None)  # built from the weights
+EAGER = tuple(name for name, runtime in RUNTIMES.items() if runtime.file is None and not runtime.engine)  # from weights
 
 
 def backends_of(precision: str) -> tuple:
     """The runtimes that run in `precision`, in registry order: those of their own precision (fp32,
-    int8), else the eager ones, which tf32, bf16 and fp16 are applied to (handlers/precision.py)."""
+    int8), else the eager ones, which tf32, bf16 and fp16 are applied to (handlers/precision.py).
+    The quantized engines are not among them: they run only the models quantized for them."""
     get_precision(precision)
-    return tuple(name for name, runtime in RUNTIMES.items() if runtime.precision == precision) or EAGER
+    return tuple(name for name, runtime in RUNTIMES.items()
+                 if runtime.precision == precision and not runtime.engine) or EAGER
+
+
+def quantized_runtime(engine: str) -> str:
+    """The runtime of quantized `engine` (fbgemm, qnnpack: a torchvision int8 weights' meta "backend")."""
+    names = [name for name, runtime in RUNTIMES.items() if runtime.engine == engine]
+    if not names:
+        raise ValueError(f"No runtime for the quantized engine {engine!r}: this tvserve runs "
+                         f"{', '.join(runtime.engine for runtime in RUNTIMES.values() if runtime.engine)}.")
+    return names[0]
 
 
 def runtime_for(name: str, device="cpu", precision: str = None) -> str:
     """The runtime a worker on `device` runs an archive whose backend is `name` with, in `precision`
     (None: the backend's own): the backend itself where it can (an exported file runs on the CPU
-    only, in its own precision), else eager from the weights; channels_last stays where chosen."""
+    only, in its own precision), else eager from the weights; channels_last stays where chosen. A
+    quantized engine's runtime always (its weights are int8: it runs on the CPU whatever the device)."""
     precision = precision or get_runtime(name).precision  # (an unknown name is refused here)
+    if get_runtime(name).engine:  # int8 weights: they run on their engine's CPU kernels or nowhere
+        return name
     if name in EAGER or (torch.device(device).type == "cpu" and name in backends_of(precision)):
         return name
     return "eager"

@@ -89,7 +89,9 @@ class TvserveHandler:
         threads = thread_budget(model_config)
         device = model_device(context.system_properties.get("gpu_id"))
         set_threads(threads)
-        self.precision = serving_precision((self.record.backend or Backend()).precision, os.environ.get(PRECISION_ENV))
+        backend = self.record.backend or Backend()
+        override = None if get_runtime(backend.name).engine else os.environ.get(PRECISION_ENV)  # int8 weights as they are
+        self.precision = serving_precision(backend.precision, override)
         self.backend, self.runner = load_backend(model_dir, self.record, threads, device, self.precision)
         self.task = get_task(self.record.task, self.record.labels, self.record.keypoint_names)
         self.protocol = PROTOCOLS[DEFAULT_PROTOCOL]
@@ -126,6 +128,10 @@ class TvserveHandler:
         if decoded.action == "explain" and not hasattr(self.task, "explain_target"):
             raise RequestError(400, "UnsupportedExplanation",
                                f"Explanations are for classification models; {self.record.name} is a {self.task.name} model.")
+        if decoded.action == "explain" and get_runtime(self.backend).engine:
+            raise RequestError(400, "UnsupportedExplanation",
+                               f"{self.record.name} runs torchvision's int8 modules, which have no gradients to explain "
+                               f"with: explain its fp32 counterpart instead.")
         if decoded.action == "metadata":
             return decoded, {}
         if hasattr(self.task, "inputs"):  # a clip, or a pair of images: one input of the model

@@ -19,7 +19,7 @@ from tvserve.archiving.check import build_for_check, check_model
 from tvserve.archiving.mar import read_record
 from tvserve.archiving.options import ArchiveOptions
 from tvserve.archiving.sources import archive_custom, archive_torchvision, torchvision_record
-from tvserve.archiving.zoo import classification_models, preset_of
+from tvserve.archiving.zoo import classification_models, preset_of, quantized_models
 from tvserve.ops import client
 
 ZOO = classification_models()
@@ -30,14 +30,14 @@ def test_zoo_json_lists_every_model_with_its_weights_meta():
     result = run_tvserve("zoo", "--json")
     assert result.returncode == 0, result.stderr
     rows = [row for row in json.loads(result.stdout) if row["task"] == "classification"]  # the other tasks: test_tasks.py
-    assert {row["model"] for row in rows} == set(ZOO)
+    assert {row["model"] for row in rows} == set(ZOO) | set(quantized_models())  # quantized: test_quantized.py
     for row in rows:
         weights = get_model_weights(row["model"])[row["weights"]]
         assert row["params"] == weights.meta["num_params"]
         assert (row["resize"], row["crop"]) == (preset_of(weights)["resize"], preset_of(weights)["crop"])
         acc = weights.meta["_metrics"]["ImageNet-1K"]["acc@1"]
         assert row["acc@1"] == (None if acc != acc else acc)  # NaN (features-only weights) -> null
-    assert sum(row["default"] for row in rows) == len(ZOO)
+    assert sum(row["default"] for row in rows) == len(ZOO) + len(quantized_models())
 
 
 @pytest.mark.parametrize("name", ZOO)

@@ -16,6 +16,7 @@ from PIL import Image, ImageOps
 from conftest import PHOTOS
 from helpers import run_tvserve, served_probabilities, write_custom_model
 from handlers.record import Backend, Record
+from handlers.runtimes import Int8Recipe
 from tvserve import TvserveError
 from tvserve.archiving.calibration import split_files
 from tvserve.archiving.mar import read_record
@@ -131,6 +132,24 @@ def test_describe_shows_the_measured_cost(model_store, digits_run, digits_calibr
     assert "held-out images" in described.stderr and "accuracy fp32" in described.stderr
     record = read_record(tmp_path / "digits_int8_cli.mar")
     assert Record.from_json(record.to_json()) == record
+    check_recipe_search(record.backend.quantization)
+
+
+def check_recipe_search(cost):
+    """Every recipe of both rounds was tried and measured, and the kept one agrees best (its
+    agreement and probability change are the ones the archive records)."""
+    tried = [row for row in cost.tried if "skipped" not in row]
+    assert len(cost.tried) == 5 and len(tried) >= 1
+    assert [row["method"] for row in cost.tried[:3]] == ["MinMax", "Percentile", "Entropy"]
+    best = min(tried, key=lambda row: (-row["top1_agreement"], row["max_probability_change"]))
+    assert {key: best[key] for key in cost.recipe} == cost.recipe
+    assert best["top1_agreement"] == cost.top1_agreement  # measured again on the archive's own file
+    assert best["max_probability_change"] == pytest.approx(cost.max_probability_change, abs=1e-5)
+    round_two = [{key: row[key] for key in ("per_channel", "quant_format")} for row in cost.tried[3:]]
+    assert round_two == [{"per_channel": False, "quant_format": "QOperator"}, {"per_channel": True, "quant_format": "QDQ"}]
+    round_one_best = min(cost.tried[:3], key=lambda row: (-row["top1_agreement"], row["max_probability_change"]))
+    assert {row["method"] for row in cost.tried[3:]} == {round_one_best["method"]}
+    assert cost.method == Int8Recipe(**cost.recipe).describe()
 
 
 def test_resnet18_int8_builds_and_serves_like_in_process(server, model_store, resnet18_weights, work):
@@ -145,6 +164,7 @@ def test_resnet18_int8_builds_and_serves_like_in_process(server, model_store, re
         backend="onnxruntime_int8", calibration=calibration, min_agreement=0))
     cost = read_record(archive).backend.quantization
     assert (cost.calibration_images, cost.held_out_images, cost.accuracy_fp32) == (3, 3, None)
+    check_recipe_search(cost)
     handler = load_handler(archive, work / "unpacked" / "resnet18_int8")
     assert handler.backend == "onnxruntime_int8"
     client.register(archive.name, management_url=server.management_url)

@@ -402,8 +402,10 @@ def cmd_describe(args):
 
 def precision_line(backend) -> str:
     """"PRECISION: its measured effect against fp32", or None for fp32 (and records without a backend)."""
-    from tvserve.archiving.calibration import effect_summary, summary
+    from tvserve.archiving.calibration import counterpart_summary, effect_summary, summary
 
+    if backend and backend.counterpart:
+        return counterpart_summary(backend.counterpart)
     if backend and backend.quantization:
         return f"{backend.precision}: {summary(backend.quantization, backend.precision)}"
     if backend and backend.effect:

@@ -13,14 +13,16 @@ the archive is written with a warning.
 
 import logging
 import random
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from handlers.devices import PilPreprocessing
 from handlers.errors import RequestError
-from handlers.record import PrecisionEffect, Preset, Quantization
+from handlers.record import Counterpart, PrecisionEffect, Preset, Quantization
+from handlers.runtimes import Int8Recipe, export, load_runner
 from tvserve import TvserveError
 from tvserve.archiving.tuning import sample_jpeg
 
@@ -32,6 +34,8 @@ SPLIT_SEED = 0  # the split repeats exactly for the same folder
 BATCH = 16  # images per calibration and measurement forward
 DEFAULT_MIN_AGREEMENT = 0.99
 SYNTHETIC_IMAGES = 16  # tf32/bf16/fp16 without --calibration: enough for a probability change, not an accuracy
+METHODS = ("MinMax", "Percentile", "Entropy")  # ONNX Runtime's calibration methods tried, the cheapest first
+RECIPE_BUDGET_S = 300  # s of recipe search per int8 archive before a recipe is skipped (resnet18 here: see docs)
 
 
 @dataclass
@@ -166,10 +170,14 @@ def scores(runner, task, images: torch.Tensor) -> torch.Tensor:
 
 
 def compare(reference_runner, reduced_runner, task, images: torch.Tensor, labels: torch.Tensor = None) -> dict:
-    """How `reduced_runner` answers against `reference_runner` on `images`: {"top1_agreement",
+    """How `reduced_runner` answers against `reference_runner` on `images` (agreement)."""
+    return agreement(*(scores(runner, task, images) for runner in (reference_runner, reduced_runner)), labels)
+
+
+def agreement(reference: torch.Tensor, reduced: torch.Tensor, labels: torch.Tensor = None) -> dict:
+    """How scores `reduced` Tensor[N, n_labels] answer against `reference`: {"top1_agreement",
     "max_probability_change", "accuracy_reference", "accuracy_reduced"} (fractions; accuracies None
-    without `labels`)."""
-    reference, reduced = (scores(runner, task, images) for runner in (reference_runner, reduced_runner))
+    without `labels` Tensor[N])."""
     top1 = reference.argmax(1), reduced.argmax(1)
     accuracy = (lambda predicted: round((predicted == labels).float().mean().item(), 6)) if labels is not None else None
     return {"top1_agreement": round((top1[0] == top1[1]).float().mean().item(), 6),
@@ -177,12 +185,80 @@ def compare(reference_runner, reduced_runner, task, images: torch.Tensor, labels
             "accuracy_reference": accuracy and accuracy(top1[0]), "accuracy_reduced": accuracy and accuracy(top1[1])}
 
 
+def recipe_variants(best: Int8Recipe) -> list:
+    """The second round: the best method with its weights per tensor, and in QDQ format."""
+    return [replace(best, per_channel=False), replace(best, quant_format="QDQ")]
+
+
+@dataclass
+class RecipeSearch:
+    """The int8 recipes tried on one archive (choose_recipe): the chosen one, its quantized file, and
+    each tried recipe's choices with its top1_agreement and max_probability_change on the held-out
+    images and the seconds it took, or {"skipped": why} past the time budget."""
+
+    best: Int8Recipe
+    path: Path
+    tried: list
+
+
+def try_recipe(recipe: Int8Recipe, model, task, calibration: CalibrationSet, reference: torch.Tensor, folder: Path,
+               threads: int) -> tuple:
+    """(path of the int8 model made by `recipe` in `folder`, its row: the recipe's choices, top-1
+    agreement and largest probability change against `reference` scores on the held-out images, s)."""
+    start = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = export("onnxruntime_int8", model, calibration.held_out.shape[-1], folder,
+                  calibration=calibration.calibration_batches(), recipe=recipe,
+                  ranges=folder.parent / f"ranges-{recipe.method}.json")  # the second round reuses its method's
+    found = agreement(reference, scores(load_runner("onnxruntime_int8", path=path, threads=threads), task,
+                                        calibration.held_out))
+    row = {**recipe.to_dict(), "top1_agreement": found["top1_agreement"],
+           "max_probability_change": found["max_probability_change"],
+           "seconds": round(time.perf_counter() - start, 1)}
+    log.info("int8 %s: top-1 agreement %.1f%%, largest probability change %.3g (%.0f s)", recipe.describe(),
+             100 * row["top1_agreement"], row["max_probability_change"], row["seconds"])
+    return path, row
+
+
+def choose_recipe(model, task, calibration: CalibrationSet, folder: Path, threads: int,
+                  budget_s: float = RECIPE_BUDGET_S) -> RecipeSearch:
+    """The int8 recipe whose model agrees best with the fp32 `model` on the held-out images: highest
+    top-1 agreement, then smallest largest probability change, then the earliest tried (the faster
+    kinds come first). Tried in two rounds: each of METHODS per output channel in QOperator
+    format, then the best one's recipe_variants. The first recipe always runs; after it, a recipe
+    starts only while less than `budget_s` seconds have gone (the rest are listed as skipped)."""
+    start = time.perf_counter()
+    with torch.inference_mode():
+        reference = scores(load_runner("eager", model=model.eval()), task, calibration.held_out)
+    results, tried = [], []  # results: (recipe, path, row) of those run
+    for round_ in (lambda: [Int8Recipe(method=method) for method in METHODS],
+                   lambda: recipe_variants(best_of(results)[0])):
+        for recipe in round_():
+            if results and time.perf_counter() - start > budget_s:
+                tried.append({**recipe.to_dict(), "skipped": f"past the {budget_s:g} s budget"})
+                continue
+            path, row = try_recipe(recipe, model, task, calibration, reference, folder / f"recipe-{len(tried)}",
+                                   threads)
+            results.append((recipe, path, row))
+            tried.append(row)
+    best, path, _ = best_of(results)
+    return RecipeSearch(best=best, path=path, tried=tried)
+
+
+def best_of(results: list) -> tuple:
+    """The (recipe, path, row) with the highest agreement, then the smallest probability change;
+    the earliest among equals."""
+    return min(results, key=lambda r: (-r[2]["top1_agreement"], r[2]["max_probability_change"]))
+
+
 def measure(fp32_runner, int8_runner, task, calibration: CalibrationSet, *, method: str,
-            min_agreement: float) -> Quantization:
-    """The int8 runner's cost against the fp32 one on the held-out images."""
+            min_agreement: float, search: RecipeSearch = None) -> Quantization:
+    """The int8 runner's cost against the fp32 one on the held-out images; with the recipe search
+    that made it, its recipe and every recipe tried."""
     found = compare(fp32_runner, int8_runner, task, calibration.held_out, calibration.held_out_labels)
     return Quantization(
-        method=method, calibration_dir=str(calibration.folder.resolve()),
+        method=method, recipe=search and search.best.to_dict(), tried=search and search.tried,
+        calibration_dir=str(calibration.folder.resolve()),
         calibration_images=len(calibration.calibrate), held_out_images=len(calibration.held_out),
         top1_agreement=found["top1_agreement"], max_probability_change=found["max_probability_change"],
         min_agreement=min_agreement, accuracy_fp32=found["accuracy_reference"], accuracy_int8=found["accuracy_reduced"],
@@ -214,9 +290,12 @@ def comparison(precision: str, agreement: float, count: int, images: str, change
 
 def summary(cost: Quantization, precision: str = "int8") -> str:
     """One line: the measured cost of `precision` against fp32."""
+    recipe = cost.recipe and (f"; {cost.recipe['method']}, weights per "
+                              f"{'channel' if cost.recipe['per_channel'] else 'tensor'}, {cost.recipe['quant_format']}, "
+                              f"the best of {sum('skipped' not in row for row in cost.tried)} recipes tried")
     return (comparison(precision, cost.top1_agreement, cost.held_out_images, "held-out images",
                        cost.max_probability_change, cost.accuracy_fp32, cost.accuracy_int8)
-            + f" (calibrated on {cost.calibration_images} images)")
+            + f" (calibrated on {cost.calibration_images} images{recipe or ''})")
 
 
 def effect_summary(effect: PrecisionEffect) -> str:
@@ -224,6 +303,16 @@ def effect_summary(effect: PrecisionEffect) -> str:
     return (comparison(effect.precision, effect.top1_agreement, effect.measured_images, "images",
                        effect.max_probability_change, effect.accuracy_fp32, effect.accuracy_reduced)
             + f" (measured on {effect.measured_on}: {effect.method})")
+
+
+def counterpart_summary(counterpart: Counterpart) -> str:
+    """One line: a classifier torchvision quantized against its fp32 counterpart, accuracy from the
+    weights' meta and forward time measured at archive time."""
+    return (f"int8 (torchvision, {counterpart.engine}): ImageNet-1K acc@1 {counterpart.acc1_int8:.2f}% against "
+            f"{counterpart.model}'s {counterpart.acc1_fp32:.2f}% ({counterpart.weights}, torchvision's figures); "
+            f"forward {counterpart.forward_ms_int8:.2f} ms against {counterpart.forward_ms_fp32:.2f} ms "
+            f"({counterpart.forward_ms_fp32 / counterpart.forward_ms_int8:.1f}x; one image, "
+            f"{counterpart.threads} threads, measured at archive time)")
 
 
 def warn_effect(effect: PrecisionEffect) -> None:

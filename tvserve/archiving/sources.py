@@ -28,10 +28,14 @@ CHECKPOINT_KEYS = {"arch", "arch_args", "state_dict", "classes", "mean", "std", 
 
 def torchvision_record(name: str, enum, model_name: str = None) -> Record:
     """What an archive of torchvision model `name` with weights `enum` records, from the enum.
-    Classification models are built from keyword arguments; the other tasks' by torchvision's
-    builder for their weights (ModelSpec.weights), which sets up what those weights need."""
+    Classification models are built from keyword arguments; the other tasks' and the quantized
+    classifiers' by torchvision's builder for their weights (ModelSpec.weights), which sets up what
+    those weights need (for quantized ones: fused modules converted to int8 on their engine)."""
     task = zoo.task_of(name)
-    if task == "classification":
+    if zoo.is_quantized(name):  # int8 modules: made by the builder for their weights (fused, then converted)
+        spec = ModelSpec(builder="torchvision", name=name, weights=enum.name, kwargs=zoo.quantized_builder_kwargs(name))
+        extra = {"weights_enum": str(enum), "imagenet_acc@1": zoo.imagenet_acc1(enum)}
+    elif task == "classification":
         spec = ModelSpec(builder="torchvision", name=name, kwargs=zoo.builder_kwargs(name, enum))
         extra = {"weights_enum": str(enum), "imagenet_acc@1": zoo.imagenet_acc1(enum)}
     else:
@@ -47,11 +51,25 @@ def torchvision_record(name: str, enum, model_name: str = None) -> Record:
 
 def random_state_dict(record: Record, model_dir: Path) -> dict:
     """A state_dict of random weights for the record's model (--random-init, tests): the module as
-    its builder sets it up, every weight left as initialised."""
+    its builder sets it up, every weight left as initialised. For a spec built for its weights, the
+    module's state where the builder loads its weights (quantized_mobilenet_v3_large: before the
+    conversion to int8, as its weights are)."""
     if not record.model.weights:
         return build_model(model_dir, record.model).state_dict()
-    with mock.patch.object(torch.nn.Module, "load_state_dict", lambda self, *args, **kwargs: None):
-        return build_model(model_dir, record.model, state_dict={}).state_dict()
+    states = []  # the module's own state, each time the builder would load weights into it
+    with mock.patch.object(torch.nn.Module, "load_state_dict", lambda self, *args, **kwargs: states.append(self.state_dict())):
+        build_model(model_dir, record.model, state_dict={})
+    return states[-1]
+
+
+def check_quantized_options(name: str, options: ArchiveOptions) -> None:
+    """Refuses, before any work, what a classifier torchvision quantized cannot take: another precision
+    (its weights are int8 already) or another backend (they run on their engine's runtime only)."""
+    if options.precision != "fp32":
+        raise TvserveError(f"{name} is int8 already (torchvision quantized it): leave --precision out, or archive "
+                           f"{name.removeprefix('quantized_')} with --precision {options.precision} instead.")
+    if options.backend not in (None, "auto"):
+        raise TvserveError(f"{name}'s int8 weights run on their quantized engine's runtime only: leave --backend out.")
 
 
 def archive_torchvision(name: str, *, weights: str = "DEFAULT", weights_file=None,
@@ -59,6 +77,8 @@ def archive_torchvision(name: str, *, weights: str = "DEFAULT", weights_file=Non
     """Archives torchvision model `name` with its pretrained `weights` (or a state_dict file)."""
     options = options or ArchiveOptions()
     enum = zoo.get_weights(name, weights)
+    if zoo.is_quantized(name):
+        check_quantized_options(name, options)
     record = torchvision_record(name, enum, options.model_name)
     archive_path(record.name, options)  # fail before any slow work
     with tempfile.TemporaryDirectory(prefix="tvserve-archive-") as tmp:

@@ -34,7 +34,7 @@ from PIL import Image
 from handlers.devices import PilPreprocessing
 from handlers.precision import apply_precision
 from handlers.record import Preset
-from handlers.runtimes import RUNTIMES, backends_of, export, load_runner, set_threads
+from handlers.runtimes import RUNTIMES, backends_of, export, load_runner, quantized_runtime, set_threads
 from tvserve import TvserveError
 
 log = logging.getLogger(__name__)
@@ -83,13 +83,15 @@ def parity_gap(task, runner, reference, inputs) -> float:
     return max(task.parity_gap(runner(x), reference(x)) for x in inputs)
 
 
-def try_candidate(name, task, model, eager, inputs, crop, threads, folder, calibration=None) -> tuple:
+def try_candidate(name, task, model, eager, inputs, crop, threads, folder, calibration=None, prepared=None) -> tuple:
     """(report, runner) for one backend: report {"name", "parity", "file"?}, or
     {"name", "error"} and no runner when it fails to export, load or (fp32) match eager.
-    `calibration`: Tensor[N, 3, crop, crop] batches for an int8 runtime's exporter."""
+    `calibration`: Tensor[N, 3, crop, crop] batches for an int8 runtime's exporter; `prepared`:
+    {name: file} already exported (int8: the recipe search's choice)."""
     precision = RUNTIMES[name].precision
     try:
-        path = RUNTIMES[name].file and export(name, model, crop, folder, calibration=calibration)
+        path = RUNTIMES[name].file and ((prepared or {}).get(name)
+                                        or export(name, model, crop, folder, calibration=calibration))
         own = copy.deepcopy(model) if name == "eager_channels_last" else None  # .to() converts in place
         runner = eager if name == "eager" else load_runner(name, model=own, path=path, threads=threads)
         with torch.inference_mode():
@@ -116,12 +118,13 @@ def candidate_names(wanted: str, precision: str) -> tuple:
 
 
 def select_backend(model: torch.nn.Module, task, crop: int, threads: int, wanted: str, folder: Path,
-                   batch: int = 1, precision: str = "fp32", calibration=None) -> dict:
+                   batch: int = 1, precision: str = "fp32", calibration=None, prepared=None) -> dict:
     """Tries `wanted` (or every backend of `precision` for "auto") on `model` and returns
     {"name", "file" (None for eager), "precision", "selection": {"threads", "candidates": [...]}}.
     Each candidate is timed at batch 1 and at the served batch size (at most TIMED_BATCH), per
     image; its score ("ms") is the slower of the two, so the choice holds at low and high load
-    (a runtime can be slower per image in batches). int8 needs `calibration` batches."""
+    (a runtime can be slower per image in batches). int8 needs `calibration` batches, or its file
+    in `prepared` ({name: path}, made by calibration.choose_recipe)."""
     names = candidate_names(wanted, precision)
     previous = torch.get_num_threads()
     set_threads(threads)
@@ -129,7 +132,8 @@ def select_backend(model: torch.nn.Module, task, crop: int, threads: int, wanted
         torch.manual_seed(0)
         inputs = [torch.randn(n, 3, crop, crop) for n in PARITY_BATCHES]
         eager = load_runner("eager", model=model.eval())
-        tried = [try_candidate(name, task, model, eager, inputs, crop, threads, folder, calibration) for name in names]
+        tried = [try_candidate(name, task, model, eager, inputs, crop, threads, folder, calibration, prepared)
+                 for name in names]
         runners = {report["name"]: apply_precision(runner, precision, "cpu") for report, runner in tried if runner}
         batched = torch.randn(min(batch, TIMED_BATCH), 3, crop, crop)
         with torch.inference_mode():
@@ -179,6 +183,33 @@ def select_eager(model: torch.nn.Module, task, preset: Preset, threads: int, wan
               for name in RUNTIMES if name != "eager"]
     return {"name": "eager", "file": None,
             "selection": {"wanted": wanted, "threads": threads, "cpu": cpu_name(), "candidates": [eager_report, *others]}}
+
+
+def select_quantized(model: torch.nn.Module, fp32_model: torch.nn.Module, engine: str, crop: int, threads: int,
+                     batch: int = 1) -> dict:
+    """select_backend for a classifier torchvision quantized: its engine's runtime (quantized_fbgemm,
+    quantized_qnnpack), the only one its int8 weights run on, timed in turns with `fp32_model` (its
+    fp32 counterpart, eager) on random images at batch 1 and at the served batch size (at most
+    TIMED_BATCH), per image. Returns select_backend's dict, precision int8."""
+    name = quantized_runtime(engine)
+    previous = torch.get_num_threads()
+    set_threads(threads)
+    try:
+        runners = {name: load_runner(name, model=model), "eager": load_runner("eager", model=fp32_model.eval())}
+        torch.manual_seed(0)
+        alone_batch, batched = torch.randn(1, 3, crop, crop), torch.randn(min(batch, TIMED_BATCH), 3, crop, crop)
+        with torch.inference_mode():
+            alone = median_ms(runners, alone_batch)
+            together = median_ms(runners, batched) if len(batched) > 1 else alone
+    finally:
+        torch.set_num_threads(previous)
+    size = len(batched)
+    candidates = [{"name": name, "precision": "int8", **timing(alone[name], together[name], size)},
+                  {"name": "eager", "model": "fp32 counterpart", **timing(alone["eager"], together["eager"], size)}]
+    log.info("backend %s: %.2f ms/image, its fp32 counterpart (eager) %.2f ms/image", name, candidates[0]["ms"],
+             candidates[1]["ms"])
+    return {"name": name, "file": None, "precision": "int8",
+            "selection": {"wanted": name, "threads": threads, "cpu": cpu_name(), "candidates": candidates}}
 
 
 def cpu_name() -> str:

@@ -37,10 +37,18 @@ def safe_load(path: Path, what: str, missing_hint: str = ""):
         raise TvserveError(f"{path} is not a loadable {what} ({reason})") from None
 
 
+def is_state_value(value) -> bool:
+    """A tensor, or what a quantized module adds to its state_dict: a quantized Linear's packed
+    parameters, (weight, bias) with bias None or a tensor, and their dtype (torch.qint8)."""
+    if isinstance(value, tuple):
+        return all(item is None or isinstance(item, torch.Tensor) for item in value)
+    return isinstance(value, (torch.Tensor, torch.dtype))
+
+
 def load_state_dict_file(path: Path) -> dict:
     """A state_dict file (any format torch.load reads with weights_only=True)."""
     state = safe_load(path, "state_dict file")
-    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+    if not isinstance(state, dict) or not all(is_state_value(value) for value in state.values()):
         kind = type(state).__name__ if not isinstance(state, dict) else "dict that is not only tensors"
         raise TvserveError(f"{path} holds a {kind}, not a state_dict (a dict of parameter name to tensor).")
     return state

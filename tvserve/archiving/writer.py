@@ -31,18 +31,21 @@ from model_archiver.model_packaging_utils import ModelExportUtils
 from tqdm import tqdm
 
 import handlers
-from handlers.models import build_model
+from handlers.models import build_loaded
 from handlers.precision import apply_precision, describe as describe_precision
-from handlers.record import METADATA_FILE, Backend, Record, Sizing, sha256_of
-from handlers.runtimes import INT8_METHOD, load_runner
+from handlers.record import METADATA_FILE, Backend, Counterpart, Record, Sizing, sha256_of
+from handlers.runtimes import load_runner
 from handlers.tasks import STACKED, get_task
 from tvserve import TvserveError, __version__
-from tvserve.archiving.calibration import (check as check_cost, measure, measure_effect, read_calibration,
-                                       read_measurement_set, synthetic_measurement_set, warn_effect)
+from tvserve.archiving import zoo
+from tvserve.archiving.calibration import (check as check_cost, choose_recipe, measure, measure_effect,
+                                           read_calibration, read_measurement_set, synthetic_measurement_set,
+                                           warn_effect)
 from tvserve.archiving.mar import MODEL_CONFIG_FILE
 from tvserve.archiving.options import DEFAULT_VERSION, ArchiveOptions
 from tvserve.archiving.measured_load import size_by_load
-from tvserve.archiving.tuning import TIMED_BATCH, archive_cores, cpu_name, sample_jpeg, select_backend, select_eager
+from tvserve.archiving.tuning import (TIMED_BATCH, archive_cores, cpu_name, sample_jpeg, select_backend, select_eager,
+                                  select_quantized)
 from tvserve.archiving.weights import load_state_dict_file
 
 log = logging.getLogger(__name__)
@@ -97,10 +100,14 @@ def tune(record: Record, weights: Path, model_dir: Path, options: ArchiveOptions
     """(options, backend dict) for this machine: builds the model with its real weights on the CPU
     and picks the backend from its timings (tuning.py), with the threads of one worker of the
     archive's workers (all the cores where they are left to the archiver, which sizes them after:
-    `size`). int8 is calibrated on the user's images and its cost
-    measured on the held-out ones (calibration.py); below --min-agreement it is refused. tf32,
-    bf16 and fp16 have their effect measured (measured_effect); below --min-agreement, a warning."""
-    if options.precision == "fp32" and options.backend == "eager" and options.workers and options.batch_size:
+    `size`). int8 is calibrated on the user's images by the recipe that agrees best on the
+    held-out ones (calibration.choose_recipe), its cost measured there; below --min-agreement it
+    is refused. tf32, bf16 and fp16 have their effect measured (measured_effect); below
+    --min-agreement, a warning. A classifier torchvision quantized runs on its engine's runtime,
+    timed beside its fp32 counterpart (quantized_backend)."""
+    quantized = record.model.builder == "torchvision" and zoo.is_quantized(record.model.name)
+    if options.precision == "fp32" and options.backend == "eager" and options.workers and options.batch_size \
+            and not quantized:
         return options, {"name": "eager", "file": None, "selection": {"wanted": "eager"}}
     task = get_task(record.task, record.labels, record.keypoint_names)
     if options.precision != "fp32" and task.name not in STACKED:
@@ -111,22 +118,25 @@ def tune(record: Record, weights: Path, model_dir: Path, options: ArchiveOptions
     int8 = options.precision == "int8"
     calibration = read_calibration(options.calibration, record.preset, record.labels) if int8 else None
     state_dict = load_state_dict_file(weights)
-    model = build_model(model_dir, record.model, state_dict)
-    model.load_state_dict(state_dict, strict=True)
-    log.info("choosing %s's %s backend (%s) for %d threads ...", record.name, options.precision, options.backend,
-             options.thread_budget())
-    if task.name in STACKED:
+    model = build_loaded(model_dir, record.model, state_dict)
+    log.info("choosing %s's %s backend (%s) for %d threads ...", record.name,
+             "int8" if quantized else options.precision, options.backend, options.thread_budget())
+    search = calibration and choose_recipe(model.eval(), task, calibration, folder, options.thread_budget())
+    if quantized:
+        backend = quantized_backend(record, model.eval(), options)
+    elif task.name in STACKED:
         backend = select_backend(model.eval(), task, record.preset.crop, options.thread_budget(),
                                  options.backend or "auto", folder, batch=options.batch_size or TIMED_BATCH,
                                  precision=options.precision,
-                                 calibration=calibration and calibration.calibration_batches())
+                                 calibration=calibration and calibration.calibration_batches(),
+                                 prepared=search and {"onnxruntime_int8": search.path})
     else:
         backend = select_eager(model, task, record.preset, options.thread_budget(), options.backend or "auto",
                                batch=options.batch_size or TIMED_BATCH)
     if calibration:
         reduced = load_runner(backend["name"], path=backend["file"], threads=options.thread_budget())
-        cost = measure(load_runner("eager", model=model), reduced, task, calibration, method=INT8_METHOD,
-                       min_agreement=options.min_agreement)
+        cost = measure(load_runner("eager", model=model), reduced, task, calibration, method=search.best.describe(),
+                       min_agreement=options.min_agreement, search=search)
         check_cost(cost, options.precision)
         backend["quantization"] = cost.to_dict()
     elif options.precision != "fp32":
@@ -145,6 +155,22 @@ def unmeasured_eager(options: ArchiveOptions, task) -> tuple:
     return options, {"name": "eager", "file": None,
                      "selection": {"wanted": options.backend or "auto", "cpu": cpu_name(),
                                    "rule": f"{task.name}: eager, 1 worker and batch 1 unless given"}}
+
+
+def quantized_backend(record: Record, model, options: ArchiveOptions) -> dict:
+    """The backend of a classifier torchvision quantized (tuning.select_quantized): its engine's runtime,
+    timed beside its fp32 counterpart, whose accuracy (the weights' meta) and time are recorded."""
+    enum = zoo.get_weights(record.model.name, record.model.weights)
+    fp32_name, fp32_weights = zoo.fp32_counterpart(record.model.name, enum)
+    fp32_model = torchvision.models.get_model(fp32_name, weights=None, **zoo.builder_kwargs(fp32_name, fp32_weights))
+    backend = select_quantized(model, fp32_model, enum.meta["backend"], record.preset.crop, options.thread_budget(),
+                               batch=options.batch_size or TIMED_BATCH)
+    alone = {candidate["name"]: candidate["ms_batch_1"] for candidate in backend["selection"]["candidates"]}
+    backend["counterpart"] = Counterpart(
+        model=fp32_name, weights=str(fp32_weights), engine=enum.meta["backend"], acc1_int8=zoo.imagenet_acc1(enum),
+        acc1_fp32=zoo.imagenet_acc1(fp32_weights), forward_ms_int8=alone[backend["name"]],
+        forward_ms_fp32=alone["eager"], threads=options.thread_budget()).to_dict()
+    return backend
 
 
 def size(record: Record, options: ArchiveOptions, sizing: Sizing, files: dict, folder: Path) -> tuple:

@@ -30,6 +30,30 @@ def classification_models() -> list:
     return list_models(module=torchvision.models)
 
 
+def quantized_models() -> list:
+    """torchvision's int8 classifiers (torchvision.models.quantization; quantized_resnet18, ...), listed
+    with classification: weights quantized by torchvision for one CPU engine, which their meta names
+    ("backend": fbgemm or qnnpack)."""
+    return list_models(module=torchvision.models.quantization)
+
+
+def is_quantized(name: str) -> bool:
+    return name in quantized_models()
+
+
+def quantized_builder_kwargs(name: str) -> dict:
+    """torchvision's builder arguments for quantized `name`'s weights: quantize=True, and for googlenet
+    and inception_v3 aux_logits=True, so that it keeps the auxiliary heads their weights hold (the
+    builder drops them after loading otherwise; eval never runs them) and the weights reload strictly."""
+    return {"quantize": True, **({"aux_logits": True} if name in ("quantized_googlenet", "quantized_inception_v3") else {})}
+
+
+def fp32_counterpart(name: str, weights) -> tuple:
+    """(model name, weights enum member) of the fp32 model that quantized `name`'s `weights` were made
+    from: the weights' meta "unquantized", built by the same name without "quantized_"."""
+    return name.removeprefix("quantized_"), weights.meta["unquantized"]
+
+
 TASK_ORDER = ("classification", "detection", "instance_segmentation", "keypoints", "semantic_segmentation",
               "video_classification", "optical_flow")
 MODULE_TASKS = {"video_classification": torchvision.models.video, "optical_flow": torchvision.models.optical_flow}
@@ -49,7 +73,7 @@ def task_of(name: str) -> str:
 
 def models_by_task() -> dict:
     """{task: [model names]} for every pretrained torchvision model tvserve archives."""
-    names = (classification_models() + list_models(module=torchvision.models.detection)
+    names = (classification_models() + quantized_models() + list_models(module=torchvision.models.detection)
              + list_models(module=torchvision.models.segmentation)
              + [name for module in MODULE_TASKS.values() for name in list_models(module=module)])
     tasks = {task: [] for task in TASK_ORDER}
@@ -176,6 +200,15 @@ def headline_metric(task: str, weights):
     return shown, None if value is None or math.isnan(value) else value
 
 
+def quantized_columns(name: str, weights) -> dict:
+    """A quantized model's row adds its engine and its fp32 counterpart's weights and accuracy."""
+    if not is_quantized(name):
+        return {}
+    counterpart = fp32_counterpart(name, weights)[1]
+    return {"engine": weights.meta["backend"], "fp32_weights": str(counterpart),
+            "fp32_acc@1": imagenet_acc1(counterpart)}
+
+
 def zoo() -> list:
     """Every pretrained model, one row per weights enum, by task, from the enums' own meta."""
     rows = []
@@ -196,5 +229,6 @@ def zoo() -> list:
                     "acc@1": imagenet_acc1(weights) if task == "classification" else None,
                     "metric": metric,
                     "value": value,
+                    **quantized_columns(name, weights),
                 })
     return rows
