@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 EXTRA_STARTUP_SECONDS = 30  # JVM start and worker spawn, on top of the archives' startupTimeout
 SIZED_CONFIG = "config.sized.properties"  # in the workdir: the config plus the sized model_snapshot
 FAILED_LOADS_BEFORE_GIVING_UP = 2  # TorchServe retries a dead worker forever, with backoff
+CONSOLE_PROPERTY = "tvserve_console"  # "false": no console on the inference port (ConsoleEndpoint.java)
+CONSOLE_DIR = Path(__file__).resolve().parents[1] / "console"  # the page's files, shipped in the package
+SAMPLES_DIR = Path(__file__).resolve().parents[2] / "samples"  # the checkout's sample images (not in the package)
 
 
 def plugin_cache() -> Path:
@@ -79,6 +82,13 @@ class Server:
 
     def __exit__(self, *exc_info):
         self.stop()
+
+    @property
+    def console_url(self) -> str:
+        """The console's address on the inference port, or None where the configuration turns it off."""
+        if self.properties.get(CONSOLE_PROPERTY, "true") == "false":
+            return None
+        return f"{self.inference_url}/console/"
 
     @property
     def log_dir(self) -> Path:
@@ -150,6 +160,10 @@ class Server:
         env.update(TMPDIR=str(tmp), TEMP=str(tmp), LOG_LOCATION=str(self.log_dir), METRICS_LOCATION=str(self.log_dir))
         env["TVSERVE_BUSY_DIR"] = str(self.busy_dir)  # workers mark the batches they are running
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep, not spin (handlers/runtimes.py)
+        if self.console_url:  # the plugin serves the console from these folders (ConsoleEndpoint.java)
+            env["TVSERVE_CONSOLE_DIR"] = str(CONSOLE_DIR)
+            if SAMPLES_DIR.is_dir():
+                env["TVSERVE_SAMPLES_DIR"] = str(SAMPLES_DIR)
         if "TVSERVE_THREADS" not in env:
             env["TVSERVE_THREADS"] = str(self.threads_per_worker())
         return env
