@@ -475,7 +475,8 @@ async function loadLive() {
     const row = document.createElement("tr");
     row.dataset.model = name;
     const p50 = window && quantile(0.5, window.buckets), p99 = window && quantile(0.99, window.buckets);
-    const errors = Object.entries(now.models[name].errors).filter(([, n]) => n > 0).map(([t, n]) => `${t}: ${n}`);
+    const errors = Object.entries(now.models[name].errors).filter(([, n]) => n > 0)
+      .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)).map(([t, n]) => `${t}: ${n}`);
     [name, String(now.models[name].requests), window ? (window.requests / seconds).toFixed(2) : "—",
       p50 == null ? "—" : p50.toFixed(1), p99 == null ? "—" : p99.toFixed(1), errors.join(", ") || "none"]
       .forEach((text, i) => {
