@@ -116,7 +116,7 @@ public class ConsoleEndpoint extends ProtocolEndpoint {
     static JsonObject samples() throws IOException {
         JsonArray names = new JsonArray();
         String value = System.getenv(SAMPLES_ENV);
-        if (value != null && Files.isDirectory(Paths.get(value))) {
+        if (value != null && !value.isEmpty() && Files.isDirectory(Paths.get(value))) {
             TreeSet<String> sorted = new TreeSet<>();
             try (Stream<Path> files = Files.list(Paths.get(value))) {
                 files.map(path -> path.getFileName().toString())
