@@ -20,7 +20,7 @@ const SKELETON = [["left_ankle", "left_knee"], ["left_knee", "left_hip"], ["righ
   ["right_eye", "right_ear"], ["left_ear", "left_shoulder"], ["right_ear", "right_shoulder"]];
 
 const $ = (id) => document.getElementById(id);
-const state = { models: [], image: null, lastMetrics: null, keyPrompt: null };
+const state = { models: [], image: null, lastMetrics: null, keyPrompt: null, scale: 1 };
 
 // --- talking to the service ----------------------------------------------------------------------
 
@@ -168,11 +168,12 @@ async function loadSamples() {
   if (!samples.length) $("samples").textContent = "none on this server";
 }
 
-/** The request's options as tvserve reads them from headers (X-TopK, X-Threshold). */
+/** The request's options as tvserve reads them from headers (X-TopK, X-Threshold, X-Max_Detections). */
 function optionHeaders(kind) {
   const headers = { "Content-Type": "application/octet-stream" };
   if (kind === "classification") headers["X-TopK"] = $("topk").value;
   if (DETECTING.includes(kind)) headers["X-Threshold"] = $("threshold").value;
+  if (DETECTING.includes(kind) && $("max-detections").value) headers["X-Max_Detections"] = $("max-detections").value;
   return headers;
 }
 
@@ -258,6 +259,8 @@ function pictureLoaded() {
 
 function draw(kind, answer) {
   const picture = $("picture");
+  // the overlay is in the image's pixels; text and marks are sized in screen pixels
+  state.scale = picture.naturalWidth / Math.max(picture.getBoundingClientRect().width, 1);
   $("overlay").setAttribute("viewBox", `0 0 ${picture.naturalWidth} ${picture.naturalHeight}`);
   $("overlay").setAttribute("preserveAspectRatio", "none");
   if (kind === "classification") drawBars(answer);
@@ -293,8 +296,9 @@ function drawDetections(answer) {
     const [x1, y1, x2, y2] = item.box;
     overlay.append(svg("rect", { class: "box", x: x1, y: y1, width: x2 - x1, height: y2 - y1, stroke: color,
       "data-label": item.label }));
-    overlay.append(svg("text", { class: "box-label", x: x1 + 2, y: Math.max(y1 - 3, 12) },
-      `${item.label} ${item.score.toFixed(2)}`));
+    const px = state.scale;
+    overlay.append(svg("text", { class: "box-label", x: x1 + 2 * px, y: Math.max(y1 - 3 * px, 12 * px),
+      "font-size": 12 * px, "stroke-width": 3 * px }, `${item.label} ${item.score.toFixed(2)}`));
     if (item.keypoints) drawKeypoints(overlay, item.keypoints);
     if (i === 0) $("legend").textContent = `${answer.length} detections above the threshold`;
   });
@@ -306,7 +310,7 @@ function drawKeypoints(overlay, keypoints) {
   SKELETON.forEach(([a, b]) => {
     if (seen[a] && seen[b]) overlay.append(svg("line", { class: "bone", x1: seen[a].x, y1: seen[a].y, x2: seen[b].x, y2: seen[b].y }));
   });
-  Object.values(seen).forEach((k) => overlay.append(svg("circle", { class: "keypoint", cx: k.x, cy: k.y, r: 3,
+  Object.values(seen).forEach((k) => overlay.append(svg("circle", { class: "keypoint", cx: k.x, cy: k.y, r: 3 * state.scale,
     "data-name": k.name })));
 }
 
@@ -397,7 +401,8 @@ function drawHeatmap(explanation) {
     pixels.data.set([255 * value, 64 * value, 255 * (1 - value), 255], 4 * (y * width + x));
   }));
   context.putImageData(pixels, 0, 0);
-  $("heatmap-caption").textContent = `${explanation.method}, class ${explanation.target}: where the model looked `
+  const target = explanation.target.label ?? explanation.target.index;
+  $("heatmap-caption").textContent = `${explanation.method}, class ${target}: where the model looked `
     + `(over its ${width}x${height} input, red most)`;
   $("heatmap-figure").hidden = false;
 }
