@@ -9,6 +9,7 @@ import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
@@ -18,6 +19,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from helpers import CHROMEDRIVER, CHROMIUM, REPO, chrome_options
+from handlers.tasks.instance_segmentation import rle_encode
 from tvserve.archiving.mar import read_record
 from tvserve.archiving.options import ArchiveOptions
 from tvserve.archiving.sources import archive_torchvision
@@ -137,6 +139,31 @@ def test_a_digit_sample_gives_its_digit_on_the_page(browser, server, how):
     assert len(bars) == len(direct) == 5
     assert severe_logs(browser) == []
 
+
+def test_an_explanation_draws_its_heatmap(browser, server):
+    open_console(browser, server)
+    choose(browser, "digits_net")
+    browser.find_element(By.ID, "explain").click()
+    browser.find_element(By.CSS_SELECTOR, '#samples button[data-sample="7-dark-on-white.png"]').click()
+    figure = browser.find_element(By.ID, "heatmap-figure")
+    WebDriverWait(browser, WAIT_S).until(lambda b: figure.is_displayed())
+    direct = requests.post(f"{server.inference_url}/explanations/digits_net",
+                           data=(SAMPLES / "7-dark-on-white.png").read_bytes(), timeout=60).json()
+    canvas = browser.find_element(By.ID, "heatmap")
+    assert [int(canvas.get_attribute("height")), int(canvas.get_attribute("width"))] == direct["shape"]
+    assert f"{direct['method']}, class {direct['target']['label']}:" in figure.text
+    assert severe_logs(browser) == []
+
+def test_the_pages_mask_decoder_reads_the_handlers_coco_rle(browser, server):
+    """Masks are drawn from the answer's COCO RLE: the page's decoder (rleCounts) gives back, pixel for
+    pixel, a mask the handler encoded (a random one: no detector needed)."""
+    mask = np.zeros((37, 53), bool)
+    mask[5:30, 10:40] = np.random.default_rng(0).random((25, 30)) > 0.3
+    encoded = rle_encode(mask)
+    open_console(browser, server)
+    runs = browser.execute_script("return rleCounts(arguments[0])", encoded["counts"])
+    flat = np.repeat(np.arange(len(runs)) % 2 == 1, runs)  # runs alternate from a run of zeros, column-major
+    assert np.array_equal(flat.reshape(mask.shape, order="F"), mask)
 
 def drop(browser, path) -> None:
     """Drops the file at `path` on the drop zone as a browser does: a drop event whose DataTransfer holds it."""
