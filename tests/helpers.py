@@ -18,6 +18,23 @@ from tvserve.archiving.sources import archive_custom
 from tvserve.ops.management import pending_requests
 
 REPO = Path(__file__).resolve().parents[1]
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's chromium, chromium-driver
+
+
+def chrome_options(profile: str):
+    """Selenium's options for Debian's chromium, headless, with its profile in `profile`, and silent
+    towards the network: this machine's closed network refuses Chromium's background connections
+    (updates, sync, Google's hosts)."""
+    from selenium import webdriver  # the test extra's; only the browser tests need it
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1280,1000", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return options
 
 
 def post_image(server, model, data=None, *, headers=None, files=None, timeout=30):

@@ -139,6 +139,7 @@ def test_serve_from_another_folder_never_prints_a_key_and_stops_its_own_server(t
         keys = json.loads(key_file.read_text())
         printed = started.stdout + started.stderr
         assert "Ready: digits_net" in printed and str(key_file) in printed
+        assert "/console/" not in printed  # off in production (docs/operating.md, "The console")
         assert all(keys[api]["key"] not in printed for api in ("inference", "management"))
         assert installed_tvserve("health", cwd=tmp_path).returncode == 0
     finally:

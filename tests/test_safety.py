@@ -461,3 +461,11 @@ def test_one_minute_soak_has_no_errors_and_no_memory_growth(server, digit_files)
     report = json.loads(result.stdout.rsplit("\n", 2)[0])  # the JSON report, then one summary line
     assert report["requests"] > 1000 and report["errors"] == []
     assert report["rss_growth"] < 0.10
+
+
+def test_production_has_no_console(production):
+    key = production.keys()["inference"]
+    response = requests.get(f"{production.inference_url}/console/", headers=client.bearer(key), timeout=10)
+    assert response.status_code == 404
+    assert "tvserve_console=false" in response.json()["error"]
+    assert production.console_url is None

@@ -186,6 +186,9 @@ def test_without_gpus_serve_starts_as_before_and_prints_each_plan(tmp_path, size
         assert f"Sized for no GPU, {os.cpu_count()} cores:" in started.stdout
         assert "tiny_given 1.0: " in started.stdout and "batch 4 (given when archived)" in started.stdout
         assert not (workdir / SIZED_CONFIG).exists()
+        console = f"{read_properties(config)['inference_address']}/console/"  # `make serve` prints the console's address
+        assert f"console:    {console}" in started.stdout
+        assert "<title>tvserve console</title>" in requests.get(console, timeout=10).text
         versions = model_versions(read_properties(config)["management_address"], read_keys(workdir).get("management"))
     finally:
         run_tvserve("stop", "--workdir", workdir)

@@ -262,6 +262,8 @@ def cmd_serve(args):
         print(f"Ready: {', '.join(models)}")
         print(f"  inference:  {server.inference_url}/predictions/<model>")
         print(f"  management: {server.management_url}/models")
+        if server.console_url:
+            print(f"  console:    {server.console_url}  (open it in a browser)")
         print_try_line(server, models[0])
         if args.detach:
             detached = True

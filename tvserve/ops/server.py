@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 EXTRA_STARTUP_SECONDS = 30  # JVM start and worker spawn, on top of the archives' startupTimeout
 SIZED_CONFIG = "config.sized.properties"  # in the workdir: the config plus the sized model_snapshot
 FAILED_LOADS_BEFORE_GIVING_UP = 2  # TorchServe retries a dead worker forever, with backoff
+CONSOLE_PROPERTY = "tvserve_console"  # "false": no console on the inference port (ConsoleEndpoint.java)
+CONSOLE_DIR = Path(__file__).resolve().parents[1] / "console"  # the page's files, shipped in the package
+SAMPLES_DIR = Path(__file__).resolve().parents[2] / "samples"  # the checkout's sample images (not in the package)
+CONSOLE_ENV, SAMPLES_ENV = "TVSERVE_CONSOLE_DIR", "TVSERVE_SAMPLES_DIR"  # read by ConsoleEndpoint.java
 
 
 def plugin_cache() -> Path:
@@ -83,6 +87,13 @@ class Server(RunsInBlock):
         self.metrics_url = self.properties.get("metrics_address", "http://127.0.0.1:8082")
         self.process = None
         self.log_marks = {}  # where each log stood at the start: this run's lines come after
+
+    @property
+    def console_url(self) -> str:
+        """The console's address on the inference port, or None where the configuration turns it off."""
+        if self.properties.get(CONSOLE_PROPERTY, "true") == "false":
+            return None
+        return f"{self.inference_url}/console/"
 
     @property
     def log_dir(self) -> Path:
@@ -154,9 +165,17 @@ class Server(RunsInBlock):
         env.update(TMPDIR=str(tmp), TEMP=str(tmp), LOG_LOCATION=str(self.log_dir), METRICS_LOCATION=str(self.log_dir))
         env["TVSERVE_BUSY_DIR"] = str(self.busy_dir)  # workers mark the batches they are running
         env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep, not spin (handlers/runtimes.py)
+        env.update(self.console_environment())
         if "TVSERVE_THREADS" not in env:
             env["TVSERVE_THREADS"] = str(self.threads_per_worker())
         return env
+
+    def console_environment(self) -> dict:
+        """The folders the plugin serves the console from (ConsoleEndpoint.java): none, and so no
+        console, where the configuration turns it off, whatever this process's environment holds."""
+        if not self.console_url:
+            return {CONSOLE_ENV: "", SAMPLES_ENV: ""}
+        return {CONSOLE_ENV: str(CONSOLE_DIR), SAMPLES_ENV: str(SAMPLES_DIR) if SAMPLES_DIR.is_dir() else ""}
 
     def threads_per_worker(self) -> int:
         """config's tvserve_threads_per_worker, or for `auto` (the default) the cores shared evenly

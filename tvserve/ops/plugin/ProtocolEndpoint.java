@@ -23,8 +23,6 @@ import org.pytorch.serve.util.messages.WorkerCommands;
 import org.pytorch.serve.wlm.Model;
 import org.pytorch.serve.wlm.ModelManager;
 import org.pytorch.serve.wlm.ModelVersionedRefs;
-import org.pytorch.serve.wlm.WorkerState;
-import org.pytorch.serve.wlm.WorkerThread;
 
 /**
  * What the protocol endpoints share: routing facts from TorchServe's model manager (which models
@@ -52,6 +50,7 @@ public abstract class ProtocolEndpoint extends ModelServerEndpoint {
     protected ProtocolEndpoint() {
         SuppliedKeys.installOnce(); // before any port listens: TorchServe loads plugins first
         EndpointPool.installSoon();
+        WorkerGauges.registerOnce();
     }
 
     /** The protocol's name and the routes it has, for the 405 a method it lacks gets, e.g.
@@ -130,13 +129,7 @@ public abstract class ProtocolEndpoint extends ModelServerEndpoint {
 
     /** Ready: at least one worker and every wanted worker READY (WORKER_MODEL_LOADED). */
     static boolean ready(Model model) {
-        List<WorkerThread> workers = ModelManager.getInstance().getWorkers(model.getModelVersionName());
-        int loaded = 0;
-        for (WorkerThread worker : workers) {
-            if (worker.getState() == WorkerState.WORKER_MODEL_LOADED) {
-                loaded++;
-            }
-        }
+        int loaded = WorkerGauges.readyWorkers(ModelManager.getInstance(), model);
         return loaded > 0 && loaded >= model.getMinWorkers();
     }
 

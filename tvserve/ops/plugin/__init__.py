@@ -1,5 +1,5 @@
 """tvserve's TorchServe frontend plugin: the Open Inference Protocol v2 (`/v2/...`) and KServe v1
-(`/v1/...`) routes on the inference port.
+(`/v1/...`) routes on the inference port, and the console (`/console/`, `ConsoleEndpoint.java`).
 
 TorchServe 0.12's frontend routes only `/v2/models/M/infer` and `/v1/models/M:predict` to a
 worker, and without telling the worker which protocol the body is in; health, readiness, model
@@ -30,7 +30,7 @@ from tvserve import TvserveError
 log = logging.getLogger(__name__)
 
 SOURCES = Path(__file__).resolve().parent
-ENDPOINTS = ("tvserve.plugin.OpenInferenceEndpoint", "tvserve.plugin.KServeV1Endpoint")
+ENDPOINTS = ("tvserve.plugin.OpenInferenceEndpoint", "tvserve.plugin.KServeV1Endpoint", "tvserve.plugin.ConsoleEndpoint")
 SERVICE_FILE = "META-INF/services/org.pytorch.serve.servingsdk.ModelServerEndpoint"
 PREBUILT = SOURCES / "build"  # where `python -m tvserve.ops.plugin` puts it
 
