@@ -23,7 +23,7 @@ What is not measured, and why:
   batch 8: delay 5 ms gave c=1 29.3 req/s against 34.4 at 1 ms, and no more at c=4 or c=16);
 - the prepare pool keeps its default (the worker's torch threads), to keep archiving in seconds;
 - models whose batch-1 forward (timed when the backend was chosen) exceeds MAX_FORWARD_MS
-  (detection and segmentation on a few cores: seconds): a point of a second would hold one or two
+  (detection and segmentation on a few cores: seconds): a point of half a second would hold one or no
   requests and decide on noise, while measuring them properly would take minutes per archive. They
   get one worker with every core's threads (the forward is the work, and it uses them all) and
   batches of BATCH_SIZE (the pipeline decodes the later requests during the forward), the record
@@ -46,8 +46,8 @@ from tvserve import TvserveError
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = 8  # the batched candidate: the worker's pipeline overlaps a batch's decoding with its forward
-POINT_S = 1.0  # s measured per point: a few dozen requests for a classifier on 2 cores
-WARMUP_S = 0.3  # s of the same load first, unmeasured (runtimes settle their threads and caches)
+POINT_S = 0.5  # s measured per point: 15-25 requests of resnet18, 100-200 of the book's Net, on 2 cores
+WARMUP_S = 0.2  # s of the same load first, unmeasured (runtimes settle their threads and caches)
 P50_MARGIN = 0.10  # a candidate may be this much slower than the fastest alone, and no more
 MAX_FORWARD_MS = 250  # slower batch-1 forwards are not measured (see the module docstring)
 START_TIMEOUT_S = 600  # a worker that has not loaded the model by then is taken as stuck
