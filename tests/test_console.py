@@ -50,12 +50,14 @@ def browser():
 def detector(server, model_store, work):
     """The detector with random weights that detect something, archived (eager, one worker) and
     registered on the session's server for this module."""
+    name = "console_detector"  # its own name: tests/test_tasks.py archives DETECTOR into the same store
     weights = detecting_weights(DETECTOR, work / f"{DETECTOR}-console.pth", work)
     archive_torchvision(DETECTOR, weights_file=weights, options=ArchiveOptions(
-        export_path=model_store, backend="eager", workers=1, batch_size=1, max_batch_delay=1, startup_timeout=300))
-    client.register(f"{DETECTOR}.mar", management_url=server.management_url)
-    yield DETECTOR
-    client.unregister(DETECTOR, "1.0", management_url=server.management_url)
+        model_name=name, export_path=model_store, backend="eager", workers=1, batch_size=1, max_batch_delay=1,
+        startup_timeout=300))
+    client.register(f"{name}.mar", management_url=server.management_url)
+    yield name
+    client.unregister(name, "1.0", management_url=server.management_url)
 
 
 def open_console(browser, server, query: str = ""):
