@@ -10,7 +10,6 @@ requests, then `--requests` sequential ones: samples/pan.mp4 (2 s, two windows) 
 """
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -32,6 +31,7 @@ from tvserve.archiving.sources import archive_torchvision
 from tvserve.ops.properties import DEVELOPMENT_CONFIG, free_ports_config
 from tvserve.ops.server import Server
 from tvserve.tools.photos import PHOTOS
+from tvserve.tools.tasks_latency import report_intro
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +112,8 @@ def run(requests_: int) -> dict:
 
 
 def write(report: dict, out: Path, command: str) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "clips.json").write_text(json.dumps(report, indent=2))
-    lines = [f"# Served latency of video and optical-flow models ({report['date']})", "",
-             f"`{command}` on {report['cpu_count']} cores ({report['machine']}), torch {report['torch']}, "
-             f"1-minute load average {report['load_average_1min']:.1f} at the start. Random weights; eager, one "
-             "worker, batch 1; sequential requests over HTTP.", "",
+    lines = [*report_intro(report, out, "clips", "Served latency of video and optical-flow models", command,
+                           "Random weights; eager, one worker, batch 1; sequential requests over HTTP."),
              "| model | input | served p50 (ms) | max (ms) | windows (frames) or flow size | answer (bytes) | load (1 min) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for row in report["rows"]:

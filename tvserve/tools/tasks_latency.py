@@ -115,14 +115,21 @@ def run(requests_: int, out: Path, measure_sizing: bool = True) -> dict:
     return report
 
 
-def write(report: dict, out: Path, command: str) -> Path:
+def report_intro(report: dict, out: Path, name: str, title: str, command: str, conditions: str) -> list:
+    """Writes `report` to out/NAME.json; returns the Markdown report's first lines: its title with
+    the date, and the command, machine and load it was measured with, then `conditions`."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tasks.json").write_text(json.dumps(report, indent=2))
-    lines = [f"# Served latency per task ({report['date']})", "",
-             f"`{command}` on {report['cpu_count']} cores ({report['machine']}), torch {report['torch']}, "
-             f"1-minute load average {report['load_average_1min']:.1f} at the start. Random weights, classifier "
-             "redrawn so that detectors keep their full 100 detections (`threshold` 0). Sequential requests of "
-             "a 640x427 JPEG over HTTP; body size also for that photo at 12 MP.", "",
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    return [f"# {title} ({report['date']})", "",
+            f"`{command}` on {report['cpu_count']} cores ({report['machine']}), torch {report['torch']}, "
+            f"1-minute load average {report['load_average_1min']:.1f} at the start. {conditions}", ""]
+
+
+def write(report: dict, out: Path, command: str) -> Path:
+    lines = [*report_intro(report, out, "tasks", "Served latency per task", command,
+                           "Random weights, classifier redrawn so that detectors keep their full 100 detections "
+                           "(`threshold` 0). Sequential requests of a 640x427 JPEG over HTTP; body size also for "
+                           "that photo at 12 MP."),
              "| task | model | backend, workers x batch | forward at archive time (ms) | served p50 (ms) | max (ms) "
              "| detections | body (bytes) | body at 12 MP (bytes) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in report["rows"]:
