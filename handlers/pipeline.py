@@ -66,6 +66,11 @@ class PreparePool:
         self.executor = ThreadPoolExecutor(self.threads, thread_name_prefix="tvserve-prepare") \
             if self.threads > 1 else None
 
+    def close(self) -> None:
+        """Stops the pool's threads once their work is done (a handler replaced in the same process)."""
+        if self.executor is not None:
+            self.executor.shutdown()
+
     def chunk_size(self, images: int) -> int:
         return max(1, math.ceil(images / self.threads)) if self.preprocessor.batched else 1
 

@@ -175,8 +175,8 @@ def worker_loop(folder: str, conn) -> None:
     while True:
         message = conn.recv()
         if message[0] == "init":
-            if handler is not None and handler.prepare_pool.executor is not None:
-                handler.prepare_pool.executor.shutdown()
+            if handler is not None:
+                handler.prepare_pool.close()
             handler, body = initialise(Path(folder), {"handler": {"threads": message[1]}}), message[2]
             conn.send("ready")
         elif message[0] == "handle":
