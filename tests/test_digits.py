@@ -15,7 +15,7 @@ from training.models import build_model
 from tvserve.tools.evaluate import evaluate
 
 SAMPLES = REPO / "samples"
-DIGIT_SAMPLES = sorted(SAMPLES.glob("*.png"))  # named DIGIT-description.png
+DIGIT_SAMPLES = sorted(SAMPLES.glob("[0-9]-*.png"))  # named DIGIT-description.png
 
 
 def drawn_digit(path: Path) -> int:
@@ -26,7 +26,8 @@ def test_samples_cover_both_polarities_and_a_photo():
     names = [path.name for path in DIGIT_SAMPLES]
     assert any("dark-on-white" in name for name in names) and any("light-on-dark" in name for name in names)
     assert (SAMPLES / "photo.jpg").read_bytes().startswith(b"\xff\xd8")
-    assert all(path.stat().st_size < 10_000 for path in SAMPLES.iterdir())
+    assert all(path.stat().st_size < 10_000 for path in DIGIT_SAMPLES)
+    assert sum(path.stat().st_size for path in SAMPLES.iterdir()) < 200_000  # the clip and frame pair included
 
 
 def test_readme_first_requests_name_files_that_exist():

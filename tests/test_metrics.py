@@ -67,10 +67,19 @@ def test_counters_move_by_exactly_the_requests_sent(server, digit_files):
 
 
 def test_names_follow_prometheus_conventions(server):
-    names = {name for name, _ in scrape(server) if name.startswith("tvserve_")}
+    """Counters end in _total, histograms expose _bucket/_count/_sum, gauges take none of those suffixes."""
+    text = requests.get(f"{server.metrics_url}/metrics", timeout=10).text
+    families = [family for family in text_string_to_metric_families(text) if family.name.startswith("tvserve_")]
+    names = {sample.name for family in families for sample in family.samples}
     assert {"tvserve_requests_total", "tvserve_worker_starts_total", "tvserve_inference_seconds_bucket"} <= names
-    for name in names:
-        assert name.endswith(("_total", "_bucket", "_count", "_sum", "_created")), name
+    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"),
+                "gauge": ("",)}
+    for family in families:
+        assert family.type in suffixes, (family.name, family.type)
+        for sample in family.samples:
+            assert sample.name.endswith(suffixes[family.type]), (sample.name, family.type)
+            if family.type == "gauge":
+                assert not sample.name.endswith(("_total", "_bucket", "_count", "_sum")), sample.name
 
 
 def test_a_worker_restart_is_counted(server):

@@ -69,10 +69,15 @@ class Prometheus:
         return float(result[0]["value"][1]) if result else None
 
     def samples(self, expr: str) -> list:
-        """[(timestamp s, value)] of a range selector `expr`, as scraped."""
+        """[(timestamp s, value)] of a range selector `expr`, as scraped, summed over its series (one
+        per protocol and error type): a scrape gives every series the same timestamp."""
         result = self.api("query", query=expr)["result"]
-        assert len(result) == 1, result
-        return [(float(t), float(v)) for t, v in result[0]["values"]]
+        assert result, expr
+        summed = {}
+        for series in result:
+            for t, v in series["values"]:
+                summed[float(t)] = summed.get(float(t), 0.0) + float(v)
+        return sorted(summed.items())
 
     def scraping(self) -> bool:
         """Up, and has scraped the target (False while it starts and listens on no port yet)."""

@@ -97,11 +97,14 @@ def test_a_batch_s_metrics_go_out_in_one_write_with_counters_summed(model_store,
     names = [line[0] for line in lines]
     assert names.count("tvserve_decode_seconds") == names.count("tvserve_preprocess_seconds") == 3
     assert names.count("tvserve_request_seconds") == 3
-    assert names.count("tvserve_inference_seconds") == names.count("tvserve_batch_images") == 1
+    # on a CPU the forward starts on the images prepared first, so three images may take one or two forwards
+    forwards = names.count("tvserve_inference_seconds")
+    assert 1 <= forwards == names.count("tvserve_batch_images") <= 3
+    assert sum(line[2] for line in lines if line[0] == "tvserve_batch_images") == 3
     counters = {(line[4]["status"], line[4]["error_type"]): line[2] for line in lines if line[0] == "tvserve_requests_total"}
     assert counters == {("200", "none"): 3, ("400", "UnsupportedImage"): 1}
     assert names.count("PredictionTime") == 1  # TorchServe's own, per batch
-    assert len(lines) == 3 * 3 + 2 + 2 + 1
+    assert len(lines) == 3 * 3 + 2 * forwards + 2 + 1
 
 
 def test_no_line_per_request_in_ts_log_or_model_log_and_metrics_count_all(server, digit_files):
