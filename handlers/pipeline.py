@@ -1,16 +1,19 @@
-"""The worker's pipeline: while the forward runs on the requests already prepared, a pool of threads
-decodes and preprocesses the next ones, so that a worker never waits on itself.
+"""The worker's pipeline: a pool of threads decodes and preprocesses a batch's images at once, then
+one forward takes them all, and the decoding of the next batch runs beside it in a sibling worker.
 
     parse (the worker's thread, request by request: protocol, options, client mistakes)
       -> prepare (PreparePool: `threads` threads; PIL image by image, the tensor path in chunks)
-      -> forward (the worker's thread: every prepared request that is ready, in the batch's order,
-         in one call, while the pool goes on with the rest)
-      -> encode (the worker's thread: each request's answer as soon as its forward is done)
+      -> forward (the worker's thread: every prepared request of the batch, in order, in one call)
+      -> encode (the worker's thread: each request's answer)
 
 PIL's decoders and resizes, torch's tensor ops, ONNX Runtime and OpenVINO release the GIL while they
-work, so the stages run at once in one process. TorchServe hands the worker its batch of queued
-requests (model-config.yaml's batchSize; with a 1 ms maxBatchDelay nothing waits for batch-mates):
-the worker overlaps the decoding of the batch's later requests with the forward of its earlier ones.
+work, so the pool's threads decode on every core at once. TorchServe hands the worker its batch of
+queued requests (model-config.yaml's batchSize; with a 1 ms maxBatchDelay nothing waits for
+batch-mates). The forward waits for the whole batch: one forward of several images costs less per
+image than several of one (handlers/tvserve_handler.py handle_batch). What overlaps a worker's
+decoding with a forward is a second worker: the archiver's measured sizing tries two workers that
+each have every core (tvserve/archiving/measured_load.py), so that while one decodes its batch the
+other's forward has the cores, and keeps it where it serves the most at load.
 Why not TorchServe's asynchronous worker mode, which takes requests as they arrive: its frontend
 (AsyncWorkerThread, AsyncBatchAggregator in TorchServe 0.12) enforces no response timeout, does not
 requeue the requests a killed worker held, and hands the worker every queued request at once, so
@@ -36,13 +39,10 @@ class Job:
 
 
 class Ticket:
-    """One image's place in a submitted chunk: done() without waiting, result() waits for it."""
+    """One image's place in a submitted chunk: result() waits for it."""
 
     def __init__(self, future: Future, offset: int):
         self.future, self.offset = future, offset
-
-    def done(self) -> bool:
-        return self.future.done()
 
     def result(self):
         """(Tensor[3, H, W] float32, (height, width)) or the image's RequestError (Preprocessing.prepare)."""
@@ -94,7 +94,3 @@ class PreparePool:
         timings = []
         return self.preprocessor.prepare(chunk, lambda stage, seconds: timings.append((stage, seconds))), timings
 
-
-def ready(tickets: list) -> bool:
-    """Whether every image behind `tickets` is prepared (checked without waiting)."""
-    return all(ticket.done() for ticket in tickets)

@@ -286,6 +286,13 @@ class Sizing:
     cores: int = None
     measured: MeasuredLoad = None
 
+    def shares_cores(self) -> bool:
+        """Whether the measured winner is the shared shape (tvserve/archiving/measured_load.py): decided
+        workers that each had every core's threads (workers x threads over the cores), taking turns."""
+        winner = self.measured and self.measured.winner()
+        return bool(winner and "workers" in self.decided and winner["workers"] > 1
+                    and winner["workers"] * winner["threads"] > self.cores)
+
     def to_dict(self) -> dict:
         out = {"decided": list(self.decided), "cores": self.cores}
         return {**out, "measured": self.measured.to_dict()} if self.measured else out

@@ -11,10 +11,9 @@ Lifecycle, in the TorchServe worker:
   marks them) decodes it into images and options; every image goes to the prepare pool at once
   (handlers/devices.py: PIL image by image, or the opt-in tensor path, JPEGs decoded together on
   the worker's device, on the pool's threads; a client mistake gets its own 4xx, the rest of the
-  batch still runs); while the pool works, the task makes a model input of the requests already
-  prepared (stacked for classification, a list of images of their own sizes for detection) and
-  runs the forward under `torch.inference_mode()`, then the task's answer per request, encoded by
-  its protocol. Metadata requests are answered without a forward; explanations
+  batch still runs); the task makes one model input of the batch's prepared requests (stacked for
+  classification, a list of images of their own sizes for detection) and runs the forward under
+  `torch.inference_mode()`, then the task's answer per request, encoded by its protocol. Metadata requests are answered without a forward; explanations
   (handlers/explanations.py) run apart, on the eager model.
 - The management API's `GET /models/NAME?customized=true` gets the archive's record.
 
@@ -36,7 +35,7 @@ from handlers.devices import model_device, preprocessor_for
 from handlers.errors import RequestError
 from handlers.explanations import Explainer
 from handlers.models import load_model
-from handlers.pipeline import Job, PreparePool, ready
+from handlers.pipeline import Job, PreparePool
 from handlers.precision import ENV as PRECISION_ENV, apply_precision, describe as describe_precision, serving_precision
 from handlers.protocols import DEFAULT_PROTOCOL, PROTOCOLS, protocol_for
 from handlers.protocols.common import header
@@ -97,7 +96,6 @@ class TvserveHandler:
         self.protocol = PROTOCOLS[DEFAULT_PROTOCOL]
         self.preprocessor = preprocessor_for(self.record.task, self.record.preset, device)
         self.prepare_pool = PreparePool(self.preprocessor, prepare_threads(model_config, threads))
-        self.forward_early = device == "cpu"  # see handle_batch
         self.model_dir, self.explainer = model_dir, None  # the explainer is loaded on first use
         self.telemetry = Telemetry(context)
         self.telemetry.worker_started()
@@ -200,12 +198,14 @@ class TvserveHandler:
     def handle_batch(self, data, context):
         """The batch through the pipeline (handlers/pipeline.py): each request parsed with its protocol
         (mistakes and metadata answered at once), every image handed to the prepare pool at once,
-        then, in the batch's order, each run of prepared requests goes through one forward while
-        the pool prepares the next, and each request's rows are encoded with its protocol. On a GPU
-        the batch's forward waits for all of it (`forward_early` off): one forward of 32 costs the
-        card little more than one of 1, while a CPU forward costs about the same per image at any
-        batch size, so there the forward starts on the first prepared request.
-        Explanations run apart. Every answer is counted by protocol, status and error type."""
+        then the batch's prepared requests go through one forward, and each request's rows are
+        encoded with its protocol. The forward waits for the whole batch, on a CPU as on a GPU: one
+        forward of several images costs less per image than several of one (OpenVINO resnet18 on 2
+        threads: 36-40 ms of CPU an image alone, 33 in batches of 2 to 8; a GPU's forward of 32 costs
+        little more than one of 1), and on a CPU the decoding of the next batch runs beside this
+        forward in a sibling worker where the measured sizing gives the model two workers sharing
+        the cores (tvserve/archiving/measured_load.py). Explanations run apart. Every answer is
+        counted by protocol, status and error type."""
         start = time.perf_counter()
         responses = [None] * len(data)
         jobs = self.parse_batch(data, context, responses, start)
@@ -235,11 +235,10 @@ class TvserveHandler:
         return jobs
 
     def run_jobs(self, jobs: list, context, responses: list, start: float) -> None:
-        """The forward and encode stages: each job's prepared images, in order, joined to the run
-        waiting for the forward, which goes as soon as the next job is not ready yet (or, on a GPU,
-        at the end); explanations and client mistakes are answered on their own."""
+        """The forward and encode stages: each job's prepared images, in order, joined to one
+        forward at the end of the batch; explanations and client mistakes are answered on their own."""
         prepared = []  # (job, images, options) waiting for the forward
-        for position, job in enumerate(jobs):
+        for job in jobs:
             results = [ticket.result() for ticket in job.tickets]
             self.report_timings(job.tickets)
             try:
@@ -251,10 +250,8 @@ class TvserveHandler:
                     prepared.append((job, images, options))
             except RequestError as err:
                 responses[job.idx] = self.refuse(context, job.idx, job.protocol, err)
-            following = jobs[position + 1].tickets if position + 1 < len(jobs) else None
-            if prepared and (following is None or self.forward_early and not ready(following)):
-                self.forward_and_answer(context, prepared, responses, start)
-                prepared = []
+        if prepared:
+            self.forward_and_answer(context, prepared, responses, start)
 
     def report_timings(self, tickets: list) -> None:
         for ticket in tickets:

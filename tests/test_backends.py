@@ -17,7 +17,6 @@ from PIL import Image
 
 from conftest import PHOTOS
 from helpers import served_probabilities, write_custom_model
-from handlers.budget import MAX_AUTO_WORKERS
 from handlers.images import open_image
 from handlers.runtimes import EAGER
 from handlers.tasks.classification import PARITY_TOLERANCE
@@ -25,7 +24,7 @@ from tvserve import TvserveError
 from tvserve.archiving.mar import read_model_config as archive_config, read_record
 from tvserve.archiving.options import ArchiveOptions
 from tvserve.archiving.sources import archive_checkpoint, archive_custom, archive_torchvision
-from tvserve.archiving.measured_load import BATCH_SIZE, choose
+from tvserve.archiving.measured_load import BATCH_SIZE, SHARED_WORKERS, choose, shapes_for
 from tvserve.ops import client
 from tvserve.ops.properties import write_properties
 from tvserve.ops.server import Server
@@ -122,17 +121,22 @@ def test_worker_thread_budget_fits_the_cores(server, model_store):
     assert all(int(count) == expected for _, count in loaded)
 
 
+def winner_shape(measured) -> tuple:
+    return measured.winner()["workers"], measured.winner()["threads"]
+
+
 def test_auto_workers_and_batching_follow_the_measured_load(digits_run, model_store, tmp_path):
     """Sizes left to the archiver are the winner of a short load measured here with the real handler
     (tvserve/archiving/measured_load.py), recorded with every candidate; resnet18's workers are
     pinned by the fixture, so only its batch size was measured."""
     net = archive_checkpoint(digits_run / "checkpoint.pt", options=ArchiveOptions(model_name="net", export_path=tmp_path))
     measured = read_record(net).sizing.measured
-    worker_counts = sorted({1, min(os.cpu_count(), MAX_AUTO_WORKERS)})
-    assert [(c["workers"], c["batch_size"]) for c in measured.candidates] == [
-        (w, b) for w in worker_counts for b in (1, BATCH_SIZE)]
-    assert all(c["c1_p50_ms"] > 0 and c["load_rps"] > 0 and c["threads"] * c["workers"] <= os.cpu_count()
-               for c in measured.candidates)
+    shapes = shapes_for(ArchiveOptions(), os.cpu_count())
+    assert [(c["workers"], c["threads"], c["batch_size"]) for c in measured.candidates] == [
+        (w, t, b) for w, t in shapes for b in (1, BATCH_SIZE)]
+    assert all(c["c1_p50_ms"] > 0 and c["load_rps"] > 0 for c in measured.candidates)
+    shared = os.cpu_count() > 1 and winner_shape(measured) == (SHARED_WORKERS, os.cpu_count())
+    assert read_record(net).sizing.shares_cores() == shared
     assert measured.chosen == choose(measured.candidates)[0] and measured.concurrency == os.cpu_count()
     winner = measured.winner()
     assert (archive_config(net)["minWorkers"], archive_config(net)["batchSize"]) == (winner["workers"], winner["batch_size"])

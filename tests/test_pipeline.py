@@ -1,6 +1,6 @@
-"""The worker's pipeline (handlers/pipeline.py), in-process with the worker's own code: a batch's later
-requests are prepared while the earlier ones are in the forward, every request gets the answer it
-would get alone, and a client mistake stays with its own request."""
+"""The worker's pipeline (handlers/pipeline.py), in-process with the worker's own code: a batch's
+images are prepared on the pool's threads at once and go through one forward, every request gets the
+answer it would get alone, and a client mistake stays with its own request."""
 
 import json
 import threading
@@ -41,26 +41,30 @@ def test_each_request_of_a_pipelined_batch_gets_its_answer_alone(handler, digit_
             assert abs(row["probability"] - alone[row["index"]].item()) <= PARITY_TOLERANCE
 
 
-def test_the_forward_runs_while_later_images_are_still_being_prepared(handler, digit_files):
-    """The batch's last image is held until the first forward has begun: a worker that prepared the
-    whole batch before its forward would hold it for HELD_S and fail here."""
-    bodies = [path.read_bytes() for path, _ in digit_files[:4]]
-    forward_began, waited = threading.Event(), []
+def test_a_batch_is_prepared_on_the_pool_s_threads_at_once_then_one_forward(handler, digit_files):
+    """The batch's first image is held until the second one's preparation has begun (a worker that
+    prepared image by image would hold it for HELD_S and fail here); then one forward takes every
+    image the batch could use, a corrupt one left out."""
+    bodies = [path.read_bytes() for path, _ in digit_files[:4]] + [b"not an image"]
+    second_began, waited, forwards = threading.Event(), [], []
     prepare, inference = handler.preprocessor.prepare, handler.inference
 
     def held_prepare(images, seconds=None):
-        if images[0] == bodies[-1]:
-            waited.append(forward_began.wait(HELD_S))
+        if images[0] == bodies[1]:
+            second_began.set()
+        if images[0] == bodies[0]:
+            waited.append(second_began.wait(HELD_S))
         return prepare(images, seconds)
 
-    def marked_inference(batch):
-        forward_began.set()
+    def counted_inference(batch):
+        forwards.append(len(batch))
         return inference(batch)
 
-    handler.preprocessor.prepare, handler.inference = held_prepare, marked_inference
+    handler.preprocessor.prepare, handler.inference = held_prepare, counted_inference
     served = answers(handler, bodies)
     assert waited == [True]
-    assert [status for status, _ in served] == [200] * len(bodies)
+    assert forwards == [4]
+    assert [status for status, _ in served] == [200] * 4 + [400]
 
 
 def test_prepare_threads_come_from_the_config_then_the_environment_then_the_torch_threads(monkeypatch):

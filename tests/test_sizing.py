@@ -15,11 +15,11 @@ from tvserve.archiving.options import ArchiveOptions
 from tvserve.archiving.sources import archive_custom
 from tvserve.ops.client import bearer, read_keys
 from tvserve.ops.management import model_versions
-from tvserve.archiving.measured_load import choose
+from tvserve.archiving.measured_load import SHARED_WORKERS, choose, shapes_for
 from tvserve.ops.properties import PRODUCTION_CONFIG, free_ports_config, read_properties
 from tvserve.ops.server import SIZED_CONFIG, Server
 from tvserve.ops.sizing import (GPU_BATCH, GPU_BATCH_DELAY_MS, GPU_BATCH_OTHERS, GPUS_ENV, WORKERS_PER_GPU, Machine,
-                                archived_sizes, gpu_count, model_snapshot, plan_sizes)
+                                Plan, Size, archived_sizes, gpu_count, model_snapshot, plan_sizes)
 
 ARCHIVED = archived_sizes({"minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "maxBatchDelay": 1}, default_workers=1)
 
@@ -27,7 +27,8 @@ ARCHIVED = archived_sizes({"minWorkers": 1, "maxWorkers": 1, "batchSize": 1, "ma
 def measured_load(workers: int, threads: int) -> MeasuredLoad:
     """A load measured on 2 cores whose winner is `workers` x `threads`."""
     candidates = [{"workers": 1, "threads": 2, "batch_size": 8, "c1_p50_ms": 30.0, "load_rps": 40.0},
-                  {"workers": 2, "threads": 1, "batch_size": 1, "c1_p50_ms": 31.0, "load_rps": 50.0}]
+                  {"workers": 2, "threads": 1, "batch_size": 1, "c1_p50_ms": 31.0, "load_rps": 50.0},
+                  {"workers": 2, "threads": 2, "batch_size": 8, "c1_p50_ms": 30.5, "load_rps": 48.0}]
     chosen = next(i for i, c in enumerate(candidates) if (c["workers"], c["threads"]) == (workers, threads))
     return MeasuredLoad(concurrency=2, point_s=1.0, candidates=candidates, why="made up", chosen=chosen)
 
@@ -220,3 +221,28 @@ def test_the_measured_winner_is_the_fastest_at_load_of_those_near_the_fastest_al
     chosen, why = choose(candidates)
     assert chosen == 1 and "2 of 3 candidates" in why and "within 10%" in why
     assert choose(candidates[:1])[0] == 0
+
+
+@pytest.mark.parametrize("cores, given, shapes", [
+    (2, {}, [(1, 2), (2, 1), (SHARED_WORKERS, 2)]),
+    (16, {}, [(1, 16), (8, 2), (SHARED_WORKERS, 16)]),
+    (1, {}, [(1, 1)]),
+    (2, {"threads": 3}, [(1, 3), (2, 3)]),  # threads given: no shared shape
+    (4, {"workers": 3}, [(3, 1)]),
+])
+def test_the_shapes_measured_are_one_worker_a_worker_per_core_and_two_sharing_the_cores(cores, given, shapes):
+    assert shapes_for(ArchiveOptions(model_name="m", **given), cores) == shapes
+
+
+def test_two_workers_sharing_the_cores_stay_two_and_claim_one_workers_cores():
+    shared = Sizing(decided=SIZES, cores=2, measured=measured_load(2, 2))
+    assert shared.shares_cores() and not DECIDED.shares_cores()
+    archived = {**ARCHIVED, "workers": 2}
+    for cores in (2, 16):
+        workers = plan_sizes(archived, shared, "classification", Machine(gpus=0, cores=cores))["workers"]
+        assert workers.value == 2
+        assert cores == 2 or "keeps its 2 workers sharing every core" in workers.why
+    plan = Plan(name="m", version="1.0", mar=REPO / "m.mar", workers=Size(2, "measured"), batch_size=Size(8, ""),
+                max_batch_delay=Size(1, ""), archived=archived, shares_cores=True)
+    assert plan.cores_claimed == 1 and "sharing every core" in plan.line()
+    assert plan.__class__(**{**plan.__dict__, "shares_cores": False}).cores_claimed == 2

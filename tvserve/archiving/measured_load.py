@@ -10,9 +10,13 @@ once, as TorchServe's BatchAggregator does with a ~0 ms batch delay, and runs th
 Every request is the 0.5 MP photo-like JPEG the archiver times preprocessing with (tuning.sample_jpeg),
 which every task's handler decodes.
 
-Candidates: workers in {1, the cores (at most budget.MAX_AUTO_WORKERS)} x batch in {1, BATCH_SIZE},
-each worker with cores // workers threads (or --threads); a size the user gave is the only value
-tried. Each is measured at c=1 (p50) and at c=cores (req/s), POINT_S each after WARMUP_S. At c=1
+Candidates: three shapes x batch in {1, BATCH_SIZE}: one worker with every core's threads; a worker
+per core (at most budget.MAX_AUTO_WORKERS) with cores // workers threads; and SHARED_WORKERS workers
+that each have every core's threads, taking turns: while one decodes its batch on its prepare pool,
+the other's forward has the cores (on 2 cores, resnet18 OpenVINO served at c=4: 97-98% busy and
+38.9-39.8 req/s, against 93% and 37.5-38.4 for one worker; two 2-thread OpenVINO forwards at once
+on 2 cores run 57 img/s together, as many as one). --threads sets every shape's threads (no shared
+shape then); a size the user gave is the only value tried. Each is measured at c=1 (p50) and at c=cores (req/s), POINT_S each after WARMUP_S. At c=1
 there is never more than one request queued, so a candidate's batch size cannot matter there: c=1
 is measured once per worker count. The choice (`choose`): the fastest at load whose c=1 p50 is
 within P50_MARGIN of the fastest c=1 p50.
@@ -26,7 +30,7 @@ What is not measured, and why:
   (detection and segmentation on a few cores: seconds): a point of half a second would hold one or no
   requests and decide on noise, while measuring them properly would take minutes per archive. They
   get one worker with every core's threads (the forward is the work, and it uses them all) and
-  batches of BATCH_SIZE (the pipeline decodes the later requests during the forward), the record
+  batches of BATCH_SIZE (the prepare pool decodes a batch on every core at once), the record
   saying why.
 """
 
@@ -45,7 +49,8 @@ from tvserve import TvserveError
 
 log = logging.getLogger(__name__)
 
-BATCH_SIZE = 8  # the batched candidate: the worker's pipeline overlaps a batch's decoding with its forward
+BATCH_SIZE = 8  # the batched candidate: a batch's images are decoded on the prepare pool at once, then one forward
+SHARED_WORKERS = 2  # the shared shape's workers, each with every core's threads (see the module docstring)
 POINT_S = 0.5  # s measured per point: 15-25 requests of resnet18, 100-200 of the book's Net, on 2 cores
 WARMUP_S = 0.2  # s of the same load first, unmeasured (runtimes settle their threads and caches)
 P50_MARGIN = 0.10  # a candidate may be this much slower than the fastest alone, and no more
@@ -53,12 +58,23 @@ MAX_FORWARD_MS = 250  # slower batch-1 forwards are not measured (see the module
 START_TIMEOUT_S = 600  # a worker that has not loaded the model by then is taken as stuck
 
 
+def shapes_for(options, cores: int) -> list:
+    """[(workers, threads per worker)] to measure: the workers the user gave, alone, else the three
+    shapes of the module docstring (fewer where they coincide: one core, or --threads given)."""
+    if options.workers:
+        return [(options.workers, options.threads or max(1, cores // options.workers))]
+    per_core = min(cores, MAX_AUTO_WORKERS)
+    shapes = [(1, options.threads or cores), (per_core, options.threads or max(1, cores // per_core))]
+    if not options.threads and cores > 1:
+        shapes.append((SHARED_WORKERS, cores))
+    return list(dict.fromkeys(shapes))
+
+
 def candidates_for(options, cores: int) -> list:
-    """[(workers, threads, batch_size)] to measure: the sizes the user gave, alone, else the
-    candidates of the module docstring."""
-    workers = (options.workers,) if options.workers else tuple(dict.fromkeys((1, min(cores, MAX_AUTO_WORKERS))))
+    """[(workers, threads, batch_size)] to measure: each shape with the batch size the user gave,
+    else with 1 and BATCH_SIZE."""
     batches = (options.batch_size,) if options.batch_size else (1, BATCH_SIZE)
-    return [(w, options.threads or max(1, cores // w), b) for w in workers for b in batches]
+    return [(w, t, b) for w, t in shapes_for(options, cores) for b in batches]
 
 
 def choose(candidates: list) -> tuple:
@@ -79,7 +95,7 @@ def size_by_load(folder: Path, options, forward_ms: float, cores: int, body: byt
     if forward_ms is not None and forward_ms > MAX_FORWARD_MS:
         why = (f"not measured: a batch-1 forward takes {forward_ms:.0f} ms here (over {MAX_FORWARD_MS} ms), too "
                f"few requests for a point of {POINT_S:g} s; one worker with every core's threads (the forward is "
-               f"the work) and batches of {BATCH_SIZE} (decoding overlaps the forward)")
+               f"the work) and batches of {BATCH_SIZE} (decoded on every core at once)")
         log.info("sizing: %s", why)
         return (replace(options, workers=options.workers or 1, batch_size=options.batch_size or BATCH_SIZE),
                 MeasuredLoad(concurrency=cores, point_s=POINT_S, candidates=[], why=why))

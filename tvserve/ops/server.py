@@ -179,11 +179,12 @@ class Server(RunsInBlock):
 
     def threads_per_worker(self) -> int:
         """config's tvserve_threads_per_worker, or for `auto` (the default) the cores shared evenly
-        among every planned worker of the models it loads, so that workers x threads <= cores."""
+        among every planned worker of the models it loads, so that workers x threads <= cores (a
+        model whose two workers take turns on every core counts once: tvserve/ops/sizing.py)."""
         threads = self.properties.get("tvserve_threads_per_worker", "auto")
         if threads != "auto":
             return int(threads)
-        return cores_per_worker(sum(plan.workers.value for plan in self.plans), {**os.environ, **self.extra_env})
+        return cores_per_worker(sum(plan.cores_claimed for plan in self.plans), {**os.environ, **self.extra_env})
 
     def start(self) -> "Server":
         if not self.model_store.is_dir():

@@ -11,8 +11,10 @@ Here the serving machine's facts (GPU count, cores) re-size the decided ones:
 - CPU only, on as many cores as the archive machine: the archive's values, chosen there by a
   measured load (tvserve/archiving/measured_load.py). On other cores the decided workers are
   re-planned from the shape of the measured winner (`measured_workers`): one worker with every
-  core's threads stays one worker (now with this machine's cores), many workers of a few threads
-  each become one per core here (at most budget.MAX_AUTO_WORKERS). The batch size and delay stay:
+  core's threads stays one worker (now with this machine's cores), the shared shape (two workers
+  that each had every core) stays two workers sharing this machine's cores, many workers of a few
+  threads each become one per core here (at most budget.MAX_AUTO_WORKERS). The server's threads
+  per worker count a model of the shared shape as one worker's worth of cores (Plan.cores_claimed). The batch size and delay stay:
   the load cannot be re-run here, and the winner's batch size is what its shape was measured with.
   Archives sized before sizes were measured keep their workers.
 
@@ -114,13 +116,21 @@ class Plan:
     batch_size: Size
     max_batch_delay: Size
     archived: dict
+    shares_cores: bool = False  # its workers take turns on every core (the measured shared shape)
+
+    @property
+    def cores_claimed(self) -> int:
+        """Workers' worth of cores this model's workers take: its workers, or one for the shared
+        shape (its two workers take turns on the same cores)."""
+        return 1 if self.shares_cores else self.workers.value
 
     def changes(self) -> bool:
         """Whether this plan serves the model otherwise than its model-config.yaml would."""
         return any(getattr(self, size).value != self.archived[size] for size in ("workers", "batch_size", "max_batch_delay"))
 
     def line(self) -> str:
-        return (f"{self.name} {self.version}: {self.workers.value} worker(s) ({self.workers.why}), batch "
+        shared = ", sharing every core" if self.shares_cores else ""
+        return (f"{self.name} {self.version}: {self.workers.value} worker(s){shared} ({self.workers.why}), batch "
                 f"{self.batch_size.value} ({self.batch_size.why}), delay {self.max_batch_delay.value} ms "
                 f"({self.max_batch_delay.why})")
 
@@ -174,6 +184,8 @@ def measured_workers(measured: MeasuredLoad, measured_cores: int, cores: int) ->
             f"{winner['workers']} worker(s) x {winner['threads']} threads,"
     if winner["workers"] == 1:
         return Size(1, f"{shape} keeps one worker, with {cores} threads here")
+    if winner["workers"] * winner["threads"] > measured_cores:
+        return Size(winner["workers"], f"{shape} keeps its {winner['workers']} workers sharing every core")
     workers = min(cores, MAX_AUTO_WORKERS)
     return Size(workers, f"{shape} becomes one per core here (at most {MAX_AUTO_WORKERS})")
 
@@ -224,7 +236,10 @@ def plan_archive(name: str, mar: Path, machine: Machine, default_workers: int) -
         record = None
     sizes = plan_sizes(archived, record and record.sizing, record.task if record else "classification", machine,
                        record.preset.decode if record else DEFAULT_DECODE)
-    return Plan(name=name, version=registered_version(mar), mar=Path(mar), archived=archived, **sizes)
+    sizing = record and record.sizing
+    shares = bool(sizing and sizing.shares_cores() and not machine.gpus and sizes["workers"].value > 1)
+    return Plan(name=name, version=registered_version(mar), mar=Path(mar), archived=archived, shares_cores=shares,
+                **sizes)
 
 
 def model_snapshot(plans: list, created_ms: int) -> dict:
