@@ -30,16 +30,22 @@ import org.pytorch.serve.wlm.ModelManager;
  * GET /console/api/metrics      the frontend's Prometheus registry as text (what the metrics port serves)
  * </pre>
  *
- * <p>The page's files are read from the folder TVSERVE_CONSOLE_DIR names, which `tvserve serve` sets
- * unless the configuration says `tvserve_console=false` (tvserve/ops/server.py); without it every
- * path here answers 404 saying so. Predictions go to the service's own routes (/predictions,
- * /explanations), with the same headers and key as any client's.
+ * <p>The page's files are read from the folder TVSERVE_CONSOLE_DIR names (ConsoleFiles), which
+ * `tvserve serve` sets unless the configuration says `tvserve_console=false` (tvserve/ops/server.py);
+ * without it every path here answers 404 saying so. Predictions go to the service's own routes
+ * (/predictions, /explanations), with the same headers and key as any client's. Where the
+ * configuration names the console's own address (`tvserve_console_address`), the first endpoint
+ * constructed starts it (ConsoleAddress): the page's files with no key, the rest relayed here.
  */
 @Endpoint(urlPattern = "console", endpointType = EndpointTypes.INFERENCE,
         description = "tvserve's console: the models, trying them in a browser, live figures")
 public class ConsoleEndpoint extends ProtocolEndpoint {
     static final String PROTOCOL = "console";
     static final String RECORD_FILE = "tvserve.json"; // handlers/record.py's METADATA_FILE
+
+    public ConsoleEndpoint() {
+        ConsoleAddress.startOnce(); // the console's own address, where the configuration names one
+    }
 
     @Override
     public void doGet(Request req, Response rsp, Context ctx) throws IOException {
