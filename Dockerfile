@@ -48,7 +48,7 @@ WORKDIR /opt/tvserve
 ENV PATH=/opt/venv/bin:$PATH TVSERVE_WORKDIR=/var/lib/tvserve PYTHONDONTWRITEBYTECODE=1
 USER 10001:10001
 VOLUME /var/lib/tvserve
-EXPOSE 8080
+EXPOSE 8080 8079
 # Healthy only when every model's workers are READY (/ping says Healthy while a worker crash-loops).
 HEALTHCHECK --interval=30s --timeout=10s --start-period=180s --retries=3 \
   CMD ["tvserve", "health", "--workdir", "/var/lib/tvserve"]

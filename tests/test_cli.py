@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, run_tvserve
-from tvserve.ops.properties import PRODUCTION_CONFIG, free_ports_config
+from tvserve.ops.properties import PRODUCTION_CONFIG, free_ports_config, read_properties
 
 
 def offline_env(torch_home):
@@ -139,7 +139,8 @@ def test_serve_from_another_folder_never_prints_a_key_and_stops_its_own_server(t
         keys = json.loads(key_file.read_text())
         printed = started.stdout + started.stderr
         assert "Ready: digits_net" in printed and str(key_file) in printed
-        assert "/console/" not in printed  # off in production (docs/operating.md, "The console")
+        console = read_properties(config)["tvserve_console_address"]  # its own address (docs/operating.md, "The console")
+        assert f"console:    {console}/console/" in printed
         assert all(keys[api]["key"] not in printed for api in ("inference", "management"))
         assert installed_tvserve("health", cwd=tmp_path).returncode == 0
     finally:

@@ -6,8 +6,6 @@ import base64
 import json
 import shutil
 import tempfile
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -25,7 +23,7 @@ from tvserve.archiving.options import ArchiveOptions
 from tvserve.archiving.sources import archive_torchvision
 from tvserve.ops import client
 from tvserve.ops.properties import free_ports_config, read_properties, write_properties
-from tvserve.ops.server import CONSOLE_PROPERTY, Server
+from tvserve.ops.server import CONSOLE_ADDRESS_PROPERTY, Server
 from tvserve.tools.tasks_latency import detecting_weights  # random weights that detect something
 
 DETECTOR = "fasterrcnn_mobilenet_v3_large_320_fpn"
@@ -241,67 +239,28 @@ def test_live_figures_count_the_requests_the_service_answered(browser, server):
     assert severe_logs(browser) == []
 
 
-class HeaderProxy(ThreadingHTTPServer):
-    """A reverse proxy to `upstream` that adds `Authorization: Bearer KEY` to GETs of the console's
-    own files only, as a proxy in front of a production server would; every other request passes
-    as the browser sent it."""
-
-    def __init__(self, upstream: str, key: str):
-        super().__init__(("127.0.0.1", 0), ProxyHandler)
-        self.upstream, self.key = upstream, key
-        self.daemon_threads = True
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class ProxyHandler(BaseHTTPRequestHandler):
-    PAGE_FILES = ("/console/", "/console/console.js", "/console/console.css")
-
-    def do_GET(self):
-        self.forward()
-
-    def do_POST(self):
-        self.forward()
-
-    def forward(self):
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
-        if self.command == "GET" and self.path in self.PAGE_FILES:
-            headers["Authorization"] = f"Bearer {self.server.key}"
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        answer = requests.request(self.command, self.server.upstream + self.path, data=body, headers=headers, timeout=60)
-        self.send_response(answer.status_code)
-        for name in ("Content-Type", "Cache-Control"):
-            if name in answer.headers:
-                self.send_header(name, answer.headers[name])
-        self.send_header("Content-Length", str(len(answer.content)))
-        self.end_headers()
-        self.wfile.write(answer.content)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def with_tokens(work, model_store):
-    """The production configuration (tokens on) with the console turned on, serving digits_net."""
+    """The production configuration (tokens on, the console at its own address) serving digits_net,
+    every address on a free loopback port."""
     folder = work / "console-tokens"
     store = folder / "model_store"
     store.mkdir(parents=True)
     shutil.copy(model_store / "digits_net.mar", store)
     config = free_ports_config(REPO / "config.production.properties", folder / "config.properties")
-    write_properties(config, {**read_properties(config), CONSOLE_PROPERTY: "true"})
+    properties = read_properties(config)
+    loopback = {key: value.replace("0.0.0.0", "127.0.0.1") for key, value in properties.items()
+                if key in ("inference_address", CONSOLE_ADDRESS_PROPERTY)}
+    write_properties(config, {**properties, **loopback})
     with Server(model_store=store, config=config, workdir=folder / "server") as server:
         yield server
 
 
 def test_with_tokens_the_page_asks_for_the_inference_key_and_keeps_it_in_the_tab(browser, with_tokens):
     key = with_tokens.keys()["inference"]
-    proxy = HeaderProxy(with_tokens.inference_url, key)
+    assert with_tokens.console_url == f"{with_tokens.console_address}/console/" != f"{with_tokens.inference_url}/console/"
+    browser.get(with_tokens.console_url)
     try:
-        browser.get(f"{proxy.url}/console/")
         dialog = browser.find_element(By.ID, "key-dialog")
         WebDriverWait(browser, WAIT_S).until(lambda b: dialog.is_displayed())
         assert browser.find_elements(By.CSS_SELECTOR, "#models tbody tr") == []
@@ -316,8 +275,39 @@ def test_with_tokens_the_page_asks_for_the_inference_key_and_keeps_it_in_the_tab
         stored = browser.execute_script("return [sessionStorage.getItem('tvserve-inference-key'), "
                                         "localStorage.length, document.cookie]")
         assert stored == [key, 0, ""]
+        assert browser.get_cookies() == []
         logged = severe_logs(browser)  # the browser's own lines for the refused first calls, and nothing else
         assert logged and all("400" in entry["message"] for entry in logged), logged
     finally:
-        proxy.shutdown()
         browser.execute_script("sessionStorage.clear()")
+
+
+@pytest.mark.parametrize("path", ["/console/", "/console/console.js", "/console/console.css",
+                                  "/console/samples/7-dark-on-white.png"])
+def test_the_console_address_serves_the_pages_files_with_no_key(with_tokens, path):
+    response = requests.get(f"{with_tokens.console_address}{path}", timeout=10)
+    assert response.status_code == 200
+    page = requests.get(f"{with_tokens.inference_url}{path}", headers=client.bearer(with_tokens.keys()["inference"]),
+                        timeout=10)
+    assert (response.headers["Content-Type"], response.content) == (page.headers["Content-Type"], page.content)
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/console/api/models"), ("GET", "/console/api/metrics"),
+                                          ("POST", "/predictions/digits_net"), ("POST", "/v2/models/digits_net/infer")])
+def test_the_console_address_relays_the_rest_and_torchserve_checks_the_key(with_tokens, method, path):
+    """Without the key, TorchServe's own refusal comes back through the console address, as the
+    inference port gives it; with it, the answer (a 400 for an image sent to /v2 as raw bytes is an answer)."""
+    image = (SAMPLES / "7-dark-on-white.png").read_bytes() if method == "POST" else None
+    key = client.bearer(with_tokens.keys()["inference"])
+    relayed, direct = (requests.request(method, f"{url}{path}", data=image, timeout=60)
+                       for url in (with_tokens.console_address, with_tokens.inference_url))
+    assert relayed.status_code == direct.status_code and relayed.status_code in (400, 401)
+    assert relayed.text == direct.text and "Token Authorization failed" in relayed.text
+    relayed, direct = (requests.request(method, f"{url}{path}", data=image, headers={**key, "X-TopK": "2"}, timeout=60)
+                       for url in (with_tokens.console_address, with_tokens.inference_url))
+    assert relayed.status_code == direct.status_code
+    assert relayed.headers["Content-Type"] == direct.headers["Content-Type"]
+    if path == "/predictions/digits_net":
+        assert relayed.status_code == 200 and relayed.json() == direct.json() and len(relayed.json()) == 2
+    elif path == "/console/api/models":
+        assert relayed.status_code == 200 and [m["name"] for m in relayed.json()["models"]] == ["digits_net"]

@@ -7,6 +7,7 @@
 #   TVSERVE_METRICS_ADDRESS     default http://127.0.0.1:8082 (likewise)
 #   TVSERVE_GRPC_INFERENCE_PORT, TVSERVE_GRPC_MANAGEMENT_PORT   default 7070, 7071 (loopback)
 #   TVSERVE_PROBE_ADDRESS       default http://127.0.0.1:8083: /ready, /live, /metrics (Kubernetes: 0.0.0.0)
+#   TVSERVE_CONSOLE_ADDRESS     default http://0.0.0.0:8079: the console's page, which asks for the inference key
 #   TVSERVE_UNREADY_SECONDS     default 0: /ready says 503 this long after SIGTERM, before the drain
 #   TVSERVE_KEYS_DIR            unset: TorchServe's random API keys; else a folder (a mounted Secret) with
 #                               files `inference` and/or `management` holding the keys every replica shares
@@ -26,6 +27,7 @@ set_property metrics_address "${TVSERVE_METRICS_ADDRESS:-}"
 set_property grpc_inference_port "${TVSERVE_GRPC_INFERENCE_PORT:-}"
 set_property grpc_management_port "${TVSERVE_GRPC_MANAGEMENT_PORT:-}"
 set_property tvserve_probe_address "${TVSERVE_PROBE_ADDRESS:-}"
+set_property tvserve_console_address "${TVSERVE_CONSOLE_ADDRESS:-}"
 set_property tvserve_unready_seconds "${TVSERVE_UNREADY_SECONDS:-}"
 
 exec tvserve serve --production --config "$config" --workdir "$workdir" "$@"

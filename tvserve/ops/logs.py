@@ -46,6 +46,7 @@ LOGGERS = [  # (logger, level, appender); none adds to the root logger's appende
     ("org.pytorch.serve", "info", "ts_log"), ("org.pytorch.serve.wlm.BatchAggregator", "warn", "ts_log"),
     ("org.pytorch.serve.wlm.WorkerLifeCycle", "info", "ts_log"), ("org.pytorch.serve.wlm.WorkerThread", "info", "ts_log"),
     ("org.pytorch.serve.job", "warn", "ts_log"), ("io.netty", "error", "ts_log"),
+    ("tvserve.plugin", "info", "ts_log"),  # the plugin's start-up lines: where the keys came from, the console's address
 ]
 # The per-batch lines dropped (see above): {logger: regex matching the whole of a message's format}.
 # The formats are TorchServe 0.12's (frontend WorkerLifeCycle.java, WorkerThread.java; the worker's

@@ -34,7 +34,8 @@ def free_port() -> int:
 def free_ports_config(base: Path, dest: Path) -> Path:
     """A copy of config `base` with every port moved to a free one, each on its own host."""
     properties = read_properties(base)
-    optional = [key for key in ("tvserve_probe_address",) if key in properties]  # tvserve/ops/probe.py
+    own = ("tvserve_probe_address", "tvserve_console_address")  # tvserve/ops/probe.py, the plugin's ConsoleAddress.java
+    optional = [key for key in own if key in properties]
     for key in ("inference_address", "management_address", "metrics_address", *optional):
         host = properties.get(key, "http://127.0.0.1:0").rsplit(":", 1)[0]
         properties[key] = f"{host}:{free_port()}"

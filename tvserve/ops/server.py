@@ -41,10 +41,13 @@ log = logging.getLogger(__name__)
 EXTRA_STARTUP_SECONDS = 30  # JVM start and worker spawn, on top of the archives' startupTimeout
 SIZED_CONFIG = "config.sized.properties"  # in the workdir: the config plus the sized model_snapshot
 FAILED_LOADS_BEFORE_GIVING_UP = 2  # TorchServe retries a dead worker forever, with backoff
-CONSOLE_PROPERTY = "tvserve_console"  # "false": no console on the inference port (ConsoleEndpoint.java)
+CONSOLE_PROPERTY = "tvserve_console"  # "false": no console at all (ConsoleEndpoint.java)
+# http://HOST:PORT: the console's page at an address of its own, where it needs no key (ConsoleAddress.java)
+CONSOLE_ADDRESS_PROPERTY = "tvserve_console_address"
 CONSOLE_DIR = Path(__file__).resolve().parents[1] / "console"  # the page's files, shipped in the package
 SAMPLES_DIR = Path(__file__).resolve().parents[2] / "samples"  # the checkout's sample images (not in the package)
-CONSOLE_ENV, SAMPLES_ENV = "TVSERVE_CONSOLE_DIR", "TVSERVE_SAMPLES_DIR"  # read by ConsoleEndpoint.java
+CONSOLE_ENV, SAMPLES_ENV = "TVSERVE_CONSOLE_DIR", "TVSERVE_SAMPLES_DIR"  # read by ConsoleFiles.java
+CONSOLE_ADDRESS_ENV = "TVSERVE_CONSOLE_ADDRESS"  # read by ConsoleAddress.java
 
 
 def plugin_cache() -> Path:
@@ -89,11 +92,21 @@ class Server(RunsInBlock):
         self.log_marks = {}  # where each log stood at the start: this run's lines come after
 
     @property
+    def console_on(self) -> bool:
+        return self.properties.get(CONSOLE_PROPERTY, "true") != "false"
+
+    @property
+    def console_address(self) -> str:
+        """The console's own address (http://HOST:PORT), or None: unset, or the console off."""
+        return (self.properties.get(CONSOLE_ADDRESS_PROPERTY) or None) if self.console_on else None
+
+    @property
     def console_url(self) -> str:
-        """The console's address on the inference port, or None where the configuration turns it off."""
-        if self.properties.get(CONSOLE_PROPERTY, "true") == "false":
+        """The page's URL: at the console's own address where the configuration names one, else on the
+        inference port; None where the configuration turns the console off."""
+        if not self.console_on:
             return None
-        return f"{self.inference_url}/console/"
+        return f"{(self.console_address or self.inference_url).rstrip('/')}/console/"
 
     @property
     def log_dir(self) -> Path:
@@ -171,11 +184,13 @@ class Server(RunsInBlock):
         return env
 
     def console_environment(self) -> dict:
-        """The folders the plugin serves the console from (ConsoleEndpoint.java): none, and so no
-        console, where the configuration turns it off, whatever this process's environment holds."""
-        if not self.console_url:
-            return {CONSOLE_ENV: "", SAMPLES_ENV: ""}
-        return {CONSOLE_ENV: str(CONSOLE_DIR), SAMPLES_ENV: str(SAMPLES_DIR) if SAMPLES_DIR.is_dir() else ""}
+        """The folders the plugin serves the console from (ConsoleFiles.java) and its own address
+        (ConsoleAddress.java): none, and so no console, where the configuration turns it off,
+        whatever this process's environment holds."""
+        if not self.console_on:
+            return {CONSOLE_ENV: "", SAMPLES_ENV: "", CONSOLE_ADDRESS_ENV: ""}
+        return {CONSOLE_ENV: str(CONSOLE_DIR), SAMPLES_ENV: str(SAMPLES_DIR) if SAMPLES_DIR.is_dir() else "",
+                CONSOLE_ADDRESS_ENV: self.console_address or ""}
 
     def threads_per_worker(self) -> int:
         """config's tvserve_threads_per_worker, or for `auto` (the default) the cores shared evenly

@@ -10,12 +10,7 @@ import java.io.Writer;
 import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
-import java.nio.file.Paths;
 import java.util.List;
-import java.util.Map;
-import java.util.TreeSet;
-import java.util.regex.Pattern;
-import java.util.stream.Stream;
 import org.pytorch.serve.servingsdk.Context;
 import org.pytorch.serve.servingsdk.annotations.Endpoint;
 import org.pytorch.serve.servingsdk.annotations.helpers.EndpointTypes;
@@ -35,42 +30,37 @@ import org.pytorch.serve.wlm.ModelManager;
  * GET /console/api/metrics      the frontend's Prometheus registry as text (what the metrics port serves)
  * </pre>
  *
- * <p>The page's files are read from the folder TVSERVE_CONSOLE_DIR names, which `tvserve serve` sets
- * unless the configuration says `tvserve_console=false` (tvserve/ops/server.py); without it every
- * path here answers 404 saying so. Predictions go to the service's own routes (/predictions,
- * /explanations), with the same headers and key as any client's.
+ * <p>The page's files are read from the folder TVSERVE_CONSOLE_DIR names (ConsoleFiles), which
+ * `tvserve serve` sets unless the configuration says `tvserve_console=false` (tvserve/ops/server.py);
+ * without it every path here answers 404 saying so. Predictions go to the service's own routes
+ * (/predictions, /explanations), with the same headers and key as any client's. Where the
+ * configuration names the console's own address (`tvserve_console_address`), the first endpoint
+ * constructed starts it (ConsoleAddress): the page's files with no key, the rest relayed here.
  */
 @Endpoint(urlPattern = "console", endpointType = EndpointTypes.INFERENCE,
         description = "tvserve's console: the models, trying them in a browser, live figures")
 public class ConsoleEndpoint extends ProtocolEndpoint {
     static final String PROTOCOL = "console";
-    static final String DIR_ENV = "TVSERVE_CONSOLE_DIR"; // the page's files (tvserve/console/)
-    static final String SAMPLES_ENV = "TVSERVE_SAMPLES_DIR"; // the sample images, where the checkout has them
-    static final Pattern FILE_NAME = Pattern.compile("[A-Za-z0-9][A-Za-z0-9_.-]*"); // no path, no dot-file
-    static final Map<String, String> TYPES = Map.of(
-            "html", "text/html; charset=utf-8", "js", "text/javascript; charset=utf-8",
-            "css", "text/css; charset=utf-8", "svg", "image/svg+xml", "png", "image/png",
-            "jpg", "image/jpeg", "jpeg", "image/jpeg", "webp", "image/webp", "gif", "image/gif");
     static final String RECORD_FILE = "tvserve.json"; // handlers/record.py's METADATA_FILE
+
+    public ConsoleEndpoint() {
+        ConsoleAddress.startOnce(); // the console's own address, where the configuration names one
+    }
 
     @Override
     public void doGet(Request req, Response rsp, Context ctx) throws IOException {
         try {
-            Path dir = folder(DIR_ENV, "the console is off: the server's configuration sets tvserve_console=false, "
-                    + "or TorchServe was started without `tvserve serve`; set tvserve_console=true and restart");
+            ConsoleFiles.pageFolder();
             List<String> parts = segments(req);
-            if (parts.isEmpty()) {
-                file(rsp, dir, "index.html");
-            } else if (parts.size() == 1) {
-                file(rsp, dir, parts.get(0));
+            ConsoleFiles.Page page = ConsoleFiles.find(parts);
+            if (page != null) {
+                file(rsp, page);
             } else if (parts.equals(List.of("api", "models"))) {
                 json(rsp, 200, models());
             } else if (parts.equals(List.of("api", "samples"))) {
-                json(rsp, 200, samples());
+                json(rsp, 200, ConsoleFiles.samples());
             } else if (parts.equals(List.of("api", "metrics"))) {
                 metrics(rsp);
-            } else if (parts.size() == 2 && parts.get(0).equals("samples")) {
-                file(rsp, folder(SAMPLES_ENV, "this server has no samples folder"), parts.get(1));
             } else {
                 throw new ClientError(404, "No such console path: use /console/, /console/api/models, "
                         + "/console/api/samples, /console/api/metrics or /console/samples/{name}.");
@@ -90,49 +80,11 @@ public class ConsoleEndpoint extends ProtocolEndpoint {
         return "the console: GET /console/ and /console/api/{models,samples,metrics}";
     }
 
-    /** The folder the environment variable `env` names; a 404 saying `why` where it names none. */
-    static Path folder(String env, String why) throws ClientError {
-        String value = System.getenv(env);
-        if (value == null || value.isEmpty() || !Files.isDirectory(Paths.get(value))) {
-            throw new ClientError(404, "Not available: " + why + ".");
-        }
-        return Paths.get(value);
-    }
-
-    /** Sends `name` from `dir` with its content type; a 404 for names that are not a plain file there. */
-    static void file(Response rsp, Path dir, String name) throws ClientError, IOException {
-        String extension = name.substring(name.lastIndexOf('.') + 1).toLowerCase();
-        Path path = dir.resolve(name);
-        if (!FILE_NAME.matcher(name).matches() || !TYPES.containsKey(extension) || !Files.isRegularFile(path)) {
-            throw new ClientError(404, "No console file '" + name + "'.");
-        }
+    static void file(Response rsp, ConsoleFiles.Page page) throws IOException {
         rsp.setStatus(200);
-        rsp.setContentType(TYPES.get(extension));
-        rsp.setHeader("Cache-Control", "no-cache"); // a new tvserve's page is seen at the next load
-        rsp.getOutputStream().write(Files.readAllBytes(path));
-    }
-
-    /** {"samples": [names]}: the images in the samples folder, sorted; empty where there is none. */
-    static JsonObject samples() throws IOException {
-        JsonArray names = new JsonArray();
-        String value = System.getenv(SAMPLES_ENV);
-        if (value != null && !value.isEmpty() && Files.isDirectory(Paths.get(value))) {
-            TreeSet<String> sorted = new TreeSet<>();
-            try (Stream<Path> files = Files.list(Paths.get(value))) {
-                files.map(path -> path.getFileName().toString())
-                        .filter(name -> FILE_NAME.matcher(name).matches() && isImage(name))
-                        .forEach(sorted::add);
-            }
-            sorted.forEach(names::add);
-        }
-        JsonObject body = new JsonObject();
-        body.add("samples", names);
-        return body;
-    }
-
-    static boolean isImage(String name) {
-        String type = TYPES.get(name.substring(name.lastIndexOf('.') + 1).toLowerCase());
-        return type != null && type.startsWith("image/") && !type.startsWith("image/svg");
+        rsp.setContentType(page.type());
+        rsp.setHeader("Cache-Control", ConsoleFiles.CACHE_CONTROL);
+        rsp.getOutputStream().write(page.bytes());
     }
 
     /** {"models": [...]}: each version of each model, as the frontend runs it, with its archive's record. */

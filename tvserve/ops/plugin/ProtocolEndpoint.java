@@ -79,7 +79,12 @@ public abstract class ProtocolEndpoint extends ModelServerEndpoint {
 
     /** Path segments after the endpoint's own, URL-decoded: /v2/models/m/infer -> [models, m, infer]. */
     static List<String> segments(Request req) {
-        String path = req.getRequestURI().split("\\?", 2)[0];
+        return segments(req.getRequestURI());
+    }
+
+    /** The same for a request URI (path and query). */
+    static List<String> segments(String uri) {
+        String path = uri.split("\\?", 2)[0];
         List<String> parts = new ArrayList<>();
         String[] raw = path.split("/");
         for (int i = 2; i < raw.length; i++) {
@@ -164,9 +169,14 @@ public abstract class ProtocolEndpoint extends ModelServerEndpoint {
     }
 
     static void error(Response rsp, int status, String message) throws IOException {
+        json(rsp, status, errorBody(message));
+    }
+
+    /** {"error": message}, the body of every answer the plugin refuses or fails itself. */
+    static JsonObject errorBody(String message) {
         JsonObject body = new JsonObject();
         body.addProperty("error", message);
-        json(rsp, status, body);
+        return body;
     }
 
     /** The Netty request behind the SDK's wrapper: the SDK exposes header names but not their values. */

@@ -210,16 +210,4 @@ final class SuppliedKeys {
     private static Refused refused(String why) {
         return new Refused("supplied API keys refused, the server stops: " + why);
     }
-
-    /** Why the supplied keys were refused; no stack trace, so that the reason ends TorchServe's console output. */
-    static final class Refused extends IllegalStateException {
-        Refused(String message) {
-            super(message);
-        }
-
-        @Override
-        public synchronized Throwable fillInStackTrace() {
-            return this;
-        }
-    }
 }

@@ -1,5 +1,6 @@
 """tvserve's TorchServe frontend plugin: the Open Inference Protocol v2 (`/v2/...`) and KServe v1
-(`/v1/...`) routes on the inference port, and the console (`/console/`, `ConsoleEndpoint.java`).
+(`/v1/...`) routes on the inference port, and the console (`/console/`, `ConsoleEndpoint.java`; at an
+address of its own with `tvserve_console_address`, `ConsoleAddress.java`).
 
 TorchServe 0.12's frontend routes only `/v2/models/M/infer` and `/v1/models/M:predict` to a
 worker, and without telling the worker which protocol the body is in; health, readiness, model
