@@ -10,6 +10,7 @@ import requests
 
 from helpers import GATED_MODEL, REPO, run_tvserve, write_custom_model
 from handlers.record import SIZES, MeasuredLoad, Record, Sizing
+from tvserve import TvserveError
 from tvserve.archiving.mar import read_model_config, read_record
 from tvserve.archiving.options import ArchiveOptions
 from tvserve.archiving.sources import archive_custom
@@ -246,3 +247,21 @@ def test_two_workers_sharing_the_cores_stay_two_and_claim_one_workers_cores():
                 max_batch_delay=Size(1, ""), archived=archived, shares_cores=True)
     assert plan.cores_claimed == 1 and "sharing every core" in plan.line()
     assert plan.__class__(**{**plan.__dict__, "shares_cores": False}).cores_claimed == 2
+
+
+def test_the_side_by_side_tool_serves_copies_sized_as_asked(tmp_path):
+    """tvserve/tools/sizings.py: WxTbB parsed, refused in any other form, and written into a copy's
+    model-config.yaml (threads pinned), every other member kept."""
+    import zipfile
+    from tvserve.tools.sizings import parse_sizing, sized_copy
+    assert parse_sizing("2x2b8") == (2, 2, 8)
+    with pytest.raises(TvserveError, match="WORKERSxTHREADSbBATCH"):
+        parse_sizing("2 workers")
+    mar = tmp_path / "m.mar"
+    with zipfile.ZipFile(mar, "w") as archive:
+        archive.writestr("model-config.yaml", "minWorkers: 1\n")
+        archive.writestr("weights.pt", b"\x00weights")
+    store = sized_copy(mar, tmp_path / "store", (2, 2, 8))
+    config = read_model_config(store / "m.mar")
+    assert (config["minWorkers"], config["maxWorkers"], config["batchSize"], config["handler"]["threads"]) == (2, 2, 8, 2)
+    assert zipfile.ZipFile(store / "m.mar").read("weights.pt") == b"\x00weights"
