@@ -104,13 +104,13 @@ def test_production_refuses_to_register_models(production):
     assert listing.status_code in (400, 401)  # the management API needs its own token too
 
 
-def test_production_listens_beyond_loopback_on_the_inference_port_only(production):
+def test_production_listens_beyond_loopback_on_the_inference_and_console_ports_only(production):
     tree = {production.process.pid} | {p.pid for p in psutil.Process(production.process.pid).children(recursive=True)}
     listening = [c.laddr for c in psutil.net_connections(kind="inet") if c.status == "LISTEN" and c.pid in tree]
-    inference_port = int(production.inference_url.rsplit(":", 1)[1])
+    public = {int(url.rstrip("/").rsplit(":", 1)[1]) for url in (production.inference_url, production.console_address)}
     exposed = [(addr.ip, addr.port) for addr in listening if addr.ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
-    assert exposed and all(port == inference_port for _, port in exposed), listening
-    assert len(listening) == 5  # inference, management, metrics, gRPC inference and management
+    assert {port for _, port in exposed} == public, listening  # the console's page holds no key; its calls need one
+    assert len(listening) == 6  # inference, console, management, metrics, gRPC inference and management
 
 
 def test_production_workers_do_not_see_secret_environment_variables(production):
