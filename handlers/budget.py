@@ -8,6 +8,12 @@ import os
 CPUS_ENV = "TVSERVE_CPUS"  # cores this server may use; Kubernetes sets it from the container's CPU limit
 MAX_AUTO_WORKERS = 8  # the most workers the archiver tries on a CPU (tvserve/archiving/measured_load.py)
 PREPARE_THREADS_ENV = "TVSERVE_PREPARE_THREADS"  # every worker's prepare pool (handlers/pipeline.py)
+# What a worker's environment holds unless the server's own says otherwise: idle torch (OpenMP)
+# threads sleep instead of spinning on the cores the prepare pool, the other workers and the frontend
+# need (docs/performance.md, "Idle threads sleep"). The archiver's measuring workers get it too: a
+# spinning pool made a 2-thread worker prepare a batch of two 0.5 MP JPEGs for the Net at 236 img/s
+# against 324 with it (2 cores).
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def cores(env: dict = None) -> int:

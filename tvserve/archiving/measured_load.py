@@ -34,8 +34,10 @@ What is not measured, and why:
   saying why.
 """
 
+import contextlib
 import logging
 import multiprocessing
+import os
 import statistics
 import time
 from collections import deque
@@ -43,7 +45,7 @@ from dataclasses import replace
 from multiprocessing.connection import wait
 from pathlib import Path
 
-from handlers.budget import MAX_AUTO_WORKERS
+from handlers.budget import MAX_AUTO_WORKERS, WORKER_ENV
 from handlers.record import MeasuredLoad
 from tvserve import TvserveError
 
@@ -115,8 +117,9 @@ def measure(folder: Path, candidates: list, concurrency: int, body: bytes) -> li
     spawn = multiprocessing.get_context("spawn")
     pipes = [spawn.Pipe() for _ in range(max(w for w, _, _ in candidates))]
     processes = [spawn.Process(target=worker_loop, args=(str(folder), child), daemon=True) for _, child in pipes]
-    for process in processes:
-        process.start()
+    with worker_environment():
+        for process in processes:
+            process.start()
     conns = [parent for parent, _ in pipes]
     results = []
     try:
@@ -140,6 +143,19 @@ def measure(folder: Path, candidates: list, concurrency: int, body: bytes) -> li
         for process in processes:
             process.join(timeout=30)
     return results
+
+
+@contextlib.contextmanager
+def worker_environment():
+    """This process's environment with a served worker's (budget.WORKER_ENV, where unset) while the
+    measuring workers are spawned: they start with it, as TorchServe's workers do under `tvserve serve`."""
+    added = {key: value for key, value in WORKER_ENV.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def answer(conn, timeout: float):

@@ -23,7 +23,10 @@ machine: the load average is recorded with each model's figures.
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as in a worker (tvserve/ops/server.py): idle threads sleep
+from handlers.budget import WORKER_ENV
+
+for _key, _value in WORKER_ENV.items():  # as in a worker (tvserve/ops/server.py), before torch is loaded
+    os.environ.setdefault(_key, _value)
 
 import argparse
 import contextlib
