@@ -41,7 +41,12 @@ SHOTS = [
      {"threshold": "0.5", "max-detections": "5"}, False),
     ("console-keypoints.png", "keypointrcnn_resnet50_fpn", "photo.jpg", {"threshold": "0.9", "max-detections": "4"}, False),
     ("console-semantic-segmentation.png", "lraspp_mobilenet_v3_large", "photo.jpg", {}, False),
+    ("console-video-classification.png", "r3d_18", "pan.mp4", {"topk": "5"}, False),
+    ("console-optical-flow.png", "raft_small", "pan-1.png + pan-2.png", {}, False),
 ]
+# the page's pictures once they are there: the clip's first frame, the flow image
+DRAWN = """const clip = document.getElementById("clip"), flow = document.getElementById("flow");
+  return (clip.hidden || clip.readyState >= 2) && (document.getElementById("flow-figure").hidden || flow.complete);"""
 WAIT_S = 300
 
 
@@ -82,6 +87,7 @@ def shoot(browser, url: str, shot: tuple, out: Path) -> Path:
     WebDriverWait(browser, WAIT_S).until(lambda b: f"from /predictions/{model}" in status.text)
     if explain:
         WebDriverWait(browser, WAIT_S).until(lambda b: b.find_element(By.ID, "heatmap-figure").is_displayed())
+    WebDriverWait(browser, WAIT_S).until(lambda b: b.execute_script(DRAWN))
     browser.execute_script("document.getElementById('answer').parentElement.open = false;")  # the picture, not the JSON
     path = out / file
     browser.find_element(By.ID, "try-section").screenshot(str(path))

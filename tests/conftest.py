@@ -15,6 +15,7 @@ from tvserve.ops.server import Server
 from tvserve.tools.photos import PHOTOS  # noqa: F401 - the tests import it from here
 
 from helpers import REPO
+VIDEO, FLOW = "r3d_18", "raft_small"  # the cheapest video and optical-flow models
 DIGITS_EPOCHS = 20  # with the digits augmentation: both polarities above 85% (tests/test_digits.py)
 
 
@@ -76,3 +77,25 @@ def server(work, model_store):
     with Server(model_store=model_store, config=config, workdir=work / "server") as server:
         yield server
 
+
+
+@pytest.fixture(scope="session")
+def video_weights(work):
+    """r3d_18's random weights, its classifier scaled up 20 times so that its top probabilities are
+    apart (random ones are near-uniform, 0.0034-0.0038, and float noise could reorder the top-k)."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(VIDEO, weights=None, num_classes=400)
+    with torch.no_grad():
+        model.fc.weight.mul_(20)
+    path = work / f"{VIDEO}-random.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def flow_weights(work):
+    """raft_small's random weights."""
+    torch.manual_seed(0)
+    path = work / f"{FLOW}-random.pth"
+    torch.save(torchvision.models.get_model(FLOW, weights=None).state_dict(), path)
+    return path

@@ -14,7 +14,8 @@ import requests
 import torch
 
 from tvserve.archiving.options import ArchiveOptions
-from tvserve.archiving.sources import archive_custom
+from tvserve.archiving.sources import archive_custom, archive_torchvision
+from tvserve.ops import client
 from tvserve.ops.management import pending_requests
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +42,20 @@ def post_image(server, model, data=None, *, headers=None, files=None, timeout=30
     """POSTs to /predictions/MODEL: a raw body `data`, or multipart `files`. Returns the response."""
     url = f"{server.inference_url}/predictions/{model}"
     return requests.post(url, data=data, files=files, headers=headers, timeout=timeout)
+
+
+@contextlib.contextmanager
+def registered_torchvision(server, store: Path, name: str, weights_file: Path, **options):
+    """torchvision's `name` with the weights in `weights_file`, archived into `store` (one worker;
+    `options`: ArchiveOptions' fields, model_name among them) and registered on `server` for the
+    block; yields the archive's path."""
+    archive = archive_torchvision(name, weights_file=weights_file, options=ArchiveOptions(
+        **{"export_path": store, "workers": 1, "startup_timeout": 300, **options}))
+    client.register(archive.name, management_url=server.management_url)
+    try:
+        yield archive
+    finally:
+        client.unregister(options.get("model_name", name), "1.0", management_url=server.management_url)
 
 
 def run_tvserve(*args, env=None, timeout=600):

@@ -1,6 +1,7 @@
 """The console (tvserve/console/, served by tvserve/ops/plugin/ConsoleEndpoint.java) in a real browser:
 Debian's chromium driven by Selenium through chromium-driver, against the session's real TorchServe
-(digits_net, digits_batched, resnet18) and a detection model with random weights registered on it."""
+(digits_net, digits_batched, resnet18) and a detection, a video and an optical-flow model with random
+weights registered on it."""
 
 import base64
 import json
@@ -11,12 +12,14 @@ import numpy as np
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from helpers import CHROMEDRIVER, CHROMIUM, REPO, chrome_options
+from conftest import FLOW, VIDEO
+from helpers import CHROMEDRIVER, CHROMIUM, REPO, chrome_options, registered_torchvision
 from handlers.tasks.instance_segmentation import rle_encode
 from tvserve.archiving.mar import read_record
 from tvserve.archiving.options import ArchiveOptions
@@ -58,6 +61,19 @@ def detector(server, model_store, work):
     client.unregister(name, "1.0", management_url=server.management_url)
 
 
+@pytest.fixture(scope="module")
+def moving(server, model_store, video_weights, flow_weights):
+    """r3d_18 and raft_small with random weights (eager, one worker, batches of one) registered on the
+    session's server for this module: {task: model name}. Names of their own: tests/test_video_flow.py
+    registers r3d_18 and raft_small from the same store."""
+    names = {task: f"console_{name}" for task, name in (("video_classification", VIDEO), ("optical_flow", FLOW))}
+    options = {"backend": "eager", "batch_size": 1, "max_batch_delay": 1}
+    with registered_torchvision(server, model_store, VIDEO, video_weights, model_name=names["video_classification"],
+                                **options), \
+            registered_torchvision(server, model_store, FLOW, flow_weights, model_name=names["optical_flow"], **options):
+        yield names
+
+
 def open_console(browser, server, query: str = ""):
     browser.get(f"{server.inference_url}/console/{query}")
     WebDriverWait(browser, WAIT_S).until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-loaded"))
@@ -78,6 +94,16 @@ def wait_answer(browser, model: str, before: str = None) -> str:
     WebDriverWait(browser, WAIT_S).until(
         lambda b: f"from /predictions/{model}" in status.text and status.text != before)
     return status.text
+
+
+def samples_shown(browser) -> list:
+    return [button.get_attribute("data-sample") for button in browser.find_elements(By.CSS_SELECTOR, "#samples button")]
+
+
+def natural_size(browser, image) -> list:
+    """[height, width] of an <img>'s picture, once loaded."""
+    WebDriverWait(browser, WAIT_S).until(lambda b: b.execute_script("return arguments[0].complete", image))
+    return browser.execute_script("return [arguments[0].naturalHeight, arguments[0].naturalWidth]", image)
 
 
 def raw_answer(browser):
@@ -311,3 +337,53 @@ def test_the_console_address_relays_the_rest_and_torchserve_checks_the_key(with_
         assert relayed.status_code == 200 and relayed.json() == direct.json() and len(relayed.json()) == 2
     elif path == "/console/api/models":
         assert relayed.status_code == 200 and [m["name"] for m in relayed.json()["models"]] == ["digits_net"]
+
+
+def test_a_clip_sample_gives_bars_and_its_windows(browser, server, moving):
+    model = moving["video_classification"]
+    open_console(browser, server)
+    choose(browser, model)
+    assert "video/*" in browser.find_element(By.ID, "file").get_attribute("accept")
+    assert samples_shown(browser) == ["pan.mp4"]
+    browser.find_element(By.CSS_SELECTOR, '#samples button[data-sample="pan.mp4"]').click()
+    wait_answer(browser, model)
+    answer = raw_answer(browser)
+    bars = browser.find_elements(By.CSS_SELECTOR, "#bars .bar")
+    assert len(bars) == len(answer["predictions"]) == 5
+    assert [bar.get_attribute("data-label") for bar in bars] == [item["label"] for item in answer["predictions"]]
+    legend = browser.find_element(By.ID, "legend")
+    assert legend.get_attribute("data-windows") == str(answer["windows"])
+    assert legend.text.startswith(f"{answer['windows']} window{'' if answer['windows'] == 1 else 's'} "
+                                  f"over {answer['frames']} frames")
+    clip = browser.find_element(By.ID, "clip")
+    assert clip.is_displayed() and not browser.find_element(By.ID, "picture").is_displayed()
+    assert browser.execute_script("return [arguments[0].muted, arguments[0].controls]", clip) == [True, True]
+    assert severe_logs(browser) == []
+
+
+def test_a_flow_pair_sample_shows_the_flow_at_the_frames_size(browser, server, moving):
+    model = moving["optical_flow"]
+    open_console(browser, server)
+    choose(browser, model)
+    assert samples_shown(browser) == ["pan-1.png + pan-2.png"]
+    browser.find_element(By.CSS_SELECTOR, '#samples button[data-sample="pan-1.png + pan-2.png"]').click()
+    wait_answer(browser, model)
+    with Image.open(SAMPLES / "pan-1.png") as first:
+        sent = [first.height, first.width]
+    assert raw_answer(browser)["size"] == sent
+    assert browser.find_element(By.ID, "flow-figure").is_displayed()
+    assert natural_size(browser, browser.find_element(By.ID, "flow")) == sent
+    assert natural_size(browser, browser.find_element(By.ID, "picture")) == sent  # the first frame, beside it
+    assert severe_logs(browser) == []
+
+
+def test_a_flow_model_given_one_image_says_it_takes_two(browser, server, moving):
+    open_console(browser, server)
+    choose(browser, moving["optical_flow"])
+    assert browser.find_element(By.ID, "file").get_attribute("multiple") is not None
+    browser.find_element(By.ID, "file").send_keys(str(SAMPLES / "pan-1.png"))
+    error = browser.find_element(By.ID, "error")
+    WebDriverWait(browser, WAIT_S).until(lambda b: error.is_displayed())
+    assert "takes two images" in error.text and "(1 given)" in error.text
+    assert browser.find_element(By.ID, "status").text == ""  # nothing sent
+    assert severe_logs(browser) == []

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import requests
 import torch
-import torchvision
 from PIL import Image
 from torchcodec.decoders import VideoDecoder
 from torchcodec.encoders import VideoEncoder
@@ -20,8 +19,8 @@ from torchvision.datasets.video_utils import VideoClips
 from torchvision.models import get_model_weights
 from torchvision.utils import flow_to_image
 
-from conftest import PHOTOS
-from helpers import REPO, post_image
+from conftest import FLOW, PHOTOS, VIDEO
+from helpers import REPO, post_image, registered_torchvision
 from test_tasks import TASKS, torchvision_model
 from handlers.clips import MAX_CLIP_BYTES, MAX_CLIP_SECONDS, window_indices
 from handlers.devices import PairPreprocessing
@@ -30,16 +29,12 @@ from handlers.record import Preset
 from handlers.tasks.optical_flow import MAX_PAIR_PIXELS, PARITY_TOLERANCE as FLOW_TOLERANCE, pad, padded_size
 from handlers.tasks.video_classification import PARITY_TOLERANCE
 from tvserve.archiving.mar import read_record
-from tvserve.archiving.options import ArchiveOptions
-from tvserve.archiving.sources import archive_torchvision
 from tvserve import cli
 from tvserve.archiving.zoo import preset_of
-from tvserve.ops import client
 from tvserve.tools.draw import STRIP_FRAMES, STRIP_HEIGHT
 
 VIDEO_WEIGHTS = [weights for name in TASKS["video_classification"] for weights in get_model_weights(name)]
 FLOW_WEIGHTS = [weights for name in TASKS["optical_flow"] for weights in get_model_weights(name)]
-VIDEO, FLOW = "r3d_18", "raft_small"  # the cheapest of each kind
 ALL_LABELS = {"X-TopK": "400"}
 
 
@@ -118,37 +113,11 @@ def decoded_frames(data: bytes) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def video_weights(work):
-    """r3d_18's random weights, its classifier scaled up 20 times so that its top probabilities are
-    apart (random ones are near-uniform, 0.0034-0.0038, and float noise could reorder the top-k)."""
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(VIDEO, weights=None, num_classes=400)
-    with torch.no_grad():
-        model.fc.weight.mul_(20)
-    path = work / f"{VIDEO}-random.pth"
-    torch.save(model.state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def flow_weights(work):
-    torch.manual_seed(0)
-    path = work / f"{FLOW}-random.pth"
-    torch.save(torchvision.models.get_model(FLOW, weights=None).state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def served(server, model_store, video_weights, flow_weights):
-    """r3d_18 and raft_small archived by name (eager, one worker) and registered."""
-    archives = {}
-    for name, weights_file in ((VIDEO, video_weights), (FLOW, flow_weights)):
-        archives[name] = archive_torchvision(name, weights_file=weights_file, options=ArchiveOptions(
-            export_path=model_store, workers=1, startup_timeout=300))
-        client.register(archives[name].name, management_url=server.management_url)
-    yield archives
-    for name in archives:
-        client.unregister(name, "1.0", management_url=server.management_url)
+    """r3d_18 and raft_small archived by name (one worker) and registered."""
+    with registered_torchvision(server, model_store, VIDEO, video_weights) as video, \
+            registered_torchvision(server, model_store, FLOW, flow_weights) as flow:
+        yield {VIDEO: video, FLOW: flow}
 
 
 def served_probabilities(response) -> torch.Tensor:

@@ -8,6 +8,15 @@ const KEY_STORE = "tvserve-inference-key";
 const LIVE_EVERY_MS = Number(new URLSearchParams(location.search).get("every") || 5000);
 const TOKEN_REFUSAL = /Token Authori[sz]ation failed/i; // TorchServe's answer to a missing or wrong key
 const DETECTING = ["detection", "instance_segmentation", "keypoints"];
+const VIDEO = "video_classification"; // one clip a request (MP4, WebM, GIF)
+const FLOW = "optical_flow"; // two images a request, sent as multipart fields image1, image2 (tvserve predict --pairs)
+const CLIP = /\.(mp4|webm)$/i; // the samples that are clips (GET /console/api/samples lists images and clips)
+// What each kind of model is sent: the file picker's accept list, and the words for the drop zone.
+const INPUTS = {
+  [VIDEO]: { accept: "video/*,.gif,image/gif", multiple: false, drop: "a clip (MP4, WebM, GIF)", pick: "a file" },
+  [FLOW]: { accept: "image/*", multiple: true, drop: "two images (first and second frame)", pick: "two files" },
+  image: { accept: "image/*", multiple: false, drop: "an image", pick: "a file" },
+};
 const COLORS = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
   "#bcf60c", "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8", "#800000", "#aaffc3", "#808000",
   "#ffd8b1", "#000075", "#808080"];
@@ -20,7 +29,7 @@ const SKELETON = [["left_ankle", "left_knee"], ["left_knee", "left_hip"], ["righ
   ["right_eye", "right_ear"], ["left_ear", "left_shoulder"], ["right_ear", "right_shoulder"]];
 
 const $ = (id) => document.getElementById(id);
-const state = { models: [], image: null, lastMetrics: null, keyPrompt: null, scale: 1 };
+const state = { models: [], samples: [], samplesKind: null, image: null, lastMetrics: null, keyPrompt: null, scale: 1 };
 
 // --- talking to the service ----------------------------------------------------------------------
 
@@ -146,6 +155,12 @@ function showOptions() {
   document.querySelectorAll(".option").forEach((label) => {
     label.hidden = !label.dataset.tasks.split(" ").includes(current);
   });
+  const inputs = INPUTS[current] || INPUTS.image;
+  $("file").accept = inputs.accept;
+  $("file").multiple = inputs.multiple;
+  $("drop-what").textContent = inputs.drop;
+  $("pick-what").textContent = inputs.pick;
+  if (current !== state.samplesKind) renderSamples(current);
 }
 
 // --- trying a model -------------------------------------------------------------------------------
@@ -153,51 +168,85 @@ function showOptions() {
 async function loadSamples() {
   const response = await call("/console/api/samples");
   if (!response.ok) return;
-  const { samples } = await response.json();
-  $("samples").replaceChildren(...samples.map((name) => {
+  state.samples = (await response.json()).samples;
+  renderSamples(task(chosenModel() || {}));
+}
+
+/** The samples that fit a task, each a list of file names: the clips for a video model, the pairs
+ * NAME-1.EXT + NAME-2.EXT for optical flow, the images for the others. */
+function samplesFor(kind, names) {
+  const images = names.filter((name) => !CLIP.test(name));
+  if (kind === VIDEO) return names.filter((name) => CLIP.test(name)).map((name) => [name]);
+  if (kind !== FLOW) return images.map((name) => [name]);
+  return images.map((name) => /^(.+)-1(\.\w+)$/.exec(name))
+    .filter((match) => match && images.includes(`${match[1]}-2${match[2]}`))
+    .map((match) => [match[0], `${match[1]}-2${match[2]}`]);
+}
+
+function renderSamples(kind) {
+  state.samplesKind = kind;
+  const fitting = samplesFor(kind, state.samples);
+  $("samples").replaceChildren(...fitting.map((names) => {
     const button = document.createElement("button");
     button.type = "button";
-    button.textContent = name;
-    button.dataset.sample = name;
-    button.onclick = async () => {
-      const image = await call(`/console/samples/${encodeURIComponent(name)}`);
-      send(new File([await image.blob()], name, { type: image.headers.get("Content-Type") }));
-    };
+    button.textContent = names.join(" + ");
+    button.dataset.sample = button.textContent;
+    button.onclick = async () => send(await Promise.all(names.map(async (name) => {
+      const sample = await call(`/console/samples/${encodeURIComponent(name)}`);
+      return new File([await sample.blob()], name, { type: sample.headers.get("Content-Type") });
+    })));
     return button;
   }));
-  if (!samples.length) $("samples").textContent = "none on this server";
+  if (!fitting.length) $("samples").textContent = state.samples.length ? "none for this task" : "none on this server";
 }
 
 /** The request's options as tvserve reads them from headers (X-TopK, X-Threshold, X-Max_Detections). */
 function optionHeaders(kind) {
-  const headers = { "Content-Type": "application/octet-stream" };
-  if (kind === "classification") headers["X-TopK"] = $("topk").value;
+  // a flow pair is multipart: the browser writes its Content-Type, with the boundary
+  const headers = kind === FLOW ? {} : { "Content-Type": "application/octet-stream" };
+  if (kind === "classification" || kind === VIDEO) headers["X-TopK"] = $("topk").value;
   if (DETECTING.includes(kind)) headers["X-Threshold"] = $("threshold").value;
   if (DETECTING.includes(kind) && $("max-detections").value) headers["X-Max_Detections"] = $("max-detections").value;
   return headers;
 }
 
-async function send(file) {
+/** Sends `files` (picked, dropped or a sample's: one, or an optical-flow model's two) to the chosen model. */
+async function send(files) {
   const model = chosenModel();
-  if (!model) return;
+  if (!model || !files.length) return;
   const kind = task(model);
   const path = model.default ? model.name : `${model.name}/${model.version}`;
   clearResult();
-  showPicture(file);
-  $("status").textContent = `sending ${file.name} (${file.size} bytes) to /predictions/${path} ...`;
+  if (kind === FLOW && files.length !== 2) {
+    showProblem(`An optical-flow model takes two images, the first and the second frame: pick or drop two `
+      + `at once (${files.length} given).`);
+    return;
+  }
+  const sent = kind === FLOW ? files : files.slice(0, 1);
+  const name = sent.map((file) => file.name).join(" + ");
+  showInput(kind, sent[0]);
+  $("status").textContent = `sending ${name} (${sent.reduce((n, file) => n + file.size, 0)} bytes) to /predictions/${path} ...`;
   const started = performance.now();
-  const response = await call(`/predictions/${path}`, { method: "POST", body: file, headers: optionHeaders(kind) });
+  const response = await call(`/predictions/${path}`, { method: "POST", body: body(kind, sent), headers: optionHeaders(kind) });
   const text = await response.text();
   const ms = performance.now() - started;
   $("answer").textContent = pretty(text);
-  $("status").textContent = `${file.name}: HTTP ${response.status} from /predictions/${path} in ${ms.toFixed(0)} ms`;
+  $("status").textContent = `${name}: HTTP ${response.status} from /predictions/${path} in ${ms.toFixed(0)} ms`;
   if (!response.ok) {
     showError(response.status, text);
     return;
   }
-  await pictureLoaded();
+  if (kind !== VIDEO) await pictureLoaded();
   draw(kind, JSON.parse(text));
-  if (kind === "classification" && $("explain").checked) await explain(path, file);
+  if (kind === "classification" && $("explain").checked) await explain(path, sent[0]);
+}
+
+/** The request body: the file itself, or for a flow pair multipart fields image1 and image2, in order. */
+function body(kind, files) {
+  if (kind !== FLOW) return files[0];
+  const form = new FormData();
+  files.forEach((file, i) => form.append(`image${i + 1}`, file, file.name));
+  return form;
 }
 
 async function explain(path, file) {
@@ -233,6 +282,13 @@ function showError(status, text) {
   box.textContent = `HTTP ${status}${body.type ? ` ${body.type}` : ""}: ${body.message || body.error || text}`;
 }
 
+/** A mistake the page sees before sending anything, in the error box. */
+function showProblem(text) {
+  $("error").hidden = false;
+  delete $("error").dataset.status;
+  $("error").textContent = text;
+}
+
 function clearResult() {
   $("error").hidden = true;
   $("error").textContent = "";
@@ -241,12 +297,19 @@ function clearResult() {
   $("legend").replaceChildren();
   $("overlay").replaceChildren();
   $("heatmap-figure").hidden = true;
+  $("flow-figure").hidden = true;
 }
 
-function showPicture(file) {
+/** What was sent, on the stage: a clip in the <video> (muted, with controls), an image (or a flow
+ * pair's first frame, or a GIF clip) in the <img>. */
+function showInput(kind, file) {
   if (state.image) URL.revokeObjectURL(state.image);
   state.image = URL.createObjectURL(file);
-  $("picture").src = state.image;
+  const moving = kind === VIDEO && !file.type.startsWith("image/");
+  $("picture").hidden = moving;
+  $("clip").hidden = !moving;
+  if (!moving) $("clip").removeAttribute("src");
+  $(moving ? "clip" : "picture").src = state.image;
 }
 
 function pictureLoaded() {
@@ -258,6 +321,8 @@ function pictureLoaded() {
 // --- drawing answers ------------------------------------------------------------------------------
 
 function draw(kind, answer) {
+  if (kind === VIDEO) return drawClipAnswer(answer);
+  if (kind === FLOW) return drawFlow(answer);
   const picture = $("picture");
   // the overlay is in the image's pixels; text and marks are sized in screen pixels
   state.scale = picture.naturalWidth / Math.max(picture.getBoundingClientRect().width, 1);
@@ -266,6 +331,26 @@ function draw(kind, answer) {
   if (kind === "classification") drawBars(answer);
   else if (kind === "semantic_segmentation") drawClassMap(answer);
   else drawDetections(answer);
+}
+
+/** A clip's top-k (bars) and how many windows of how many frames the model read. */
+function drawClipAnswer(answer) {
+  drawBars(answer.predictions);
+  const legend = $("legend");
+  legend.dataset.windows = answer.windows;
+  legend.dataset.frames = answer.frames;
+  legend.textContent = `${answer.windows} window${answer.windows === 1 ? "" : "s"} over ${answer.frames} frames`
+    + " (the probabilities averaged over the windows)";
+}
+
+/** Optical flow: the service's colour picture of the flow (flow_to_image), beside the first frame. */
+function drawFlow(answer) {
+  const [height, width] = answer.size;
+  $("flow").src = `data:image/png;base64,${answer.png}`;
+  $("flow-caption").textContent = `the flow from the first frame to the second, ${width}x${height}: `
+    + "hue is the direction, saturation the length (relative to the longest)";
+  $("flow-figure").dataset.size = `${width}x${height}`;
+  $("flow-figure").hidden = false;
 }
 
 function drawBars(answer) {
@@ -499,14 +584,14 @@ async function loadLive() {
 
 function wire() {
   $("model").onchange = showOptions;
-  $("file").onchange = () => $("file").files[0] && send($("file").files[0]);
+  $("file").onchange = () => send([...$("file").files]);
   const drop = $("drop");
   drop.ondragover = (event) => { event.preventDefault(); drop.classList.add("over"); };
   drop.ondragleave = () => drop.classList.remove("over");
   drop.ondrop = (event) => {
     event.preventDefault();
     drop.classList.remove("over");
-    if (event.dataTransfer.files[0]) send(event.dataTransfer.files[0]);
+    send([...event.dataTransfer.files]);
   };
   $("key-forget").hidden = !sessionStorage.getItem(KEY_STORE);
   $("key-forget").onclick = () => { sessionStorage.removeItem(KEY_STORE); $("key-forget").hidden = true; };

@@ -25,7 +25,7 @@ import org.pytorch.serve.wlm.ModelManager;
  * <pre>
  * GET /console/                 the page (index.html), and its files /console/{console.js,console.css}
  * GET /console/api/models       every model version: workers, READY, batching, and its archive's record
- * GET /console/api/samples      {"samples": [file names]}: the images in samples/, one click away on the page
+ * GET /console/api/samples      {"samples": [file names]}: the images and clips in samples/, one click away on the page
  * GET /console/samples/{name}   one of them
  * GET /console/api/metrics      the frontend's Prometheus registry as text (what the metrics port serves)
  * </pre>

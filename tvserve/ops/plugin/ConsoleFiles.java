@@ -15,27 +15,29 @@ import tvserve.plugin.ProtocolEndpoint.ClientError;
 
 /**
  * The console page's own files, which hold no secret: index.html, console.js and console.css from
- * the folder TVSERVE_CONSOLE_DIR names, and the sample images from TVSERVE_SAMPLES_DIR's. Served by
+ * the folder TVSERVE_CONSOLE_DIR names, and the sample images and clips from TVSERVE_SAMPLES_DIR's. Served by
  * ConsoleEndpoint (/console on the inference port) and ConsoleAddress (the console's own address,
  * with no key), so both check names and types the same way.
  *
  * <pre>
  * /console/                 index.html
  * /console/{name}           console.js, console.css (any file of a known type in the folder)
- * /console/samples/{name}   one sample image
+ * /console/samples/{name}   one sample image or clip
  * </pre>
  */
 final class ConsoleFiles {
     static final String DIR_ENV = "TVSERVE_CONSOLE_DIR"; // the page's files (tvserve/console/)
-    static final String SAMPLES_ENV = "TVSERVE_SAMPLES_DIR"; // the sample images, where the checkout has them
+    static final String SAMPLES_ENV = "TVSERVE_SAMPLES_DIR"; // the sample images and clips, where the checkout has them
     static final String OFF = "the console is off: the server's configuration sets tvserve_console=false, "
             + "or TorchServe was started without `tvserve serve`; set tvserve_console=true and restart";
     static final String CACHE_CONTROL = "no-cache"; // a new tvserve's page is seen at the next load
     static final Pattern FILE_NAME = Pattern.compile("[A-Za-z0-9][A-Za-z0-9_.-]*"); // no path, no dot-file
-    static final Map<String, String> TYPES = Map.of(
-            "html", "text/html; charset=utf-8", "js", "text/javascript; charset=utf-8",
-            "css", "text/css; charset=utf-8", "svg", "image/svg+xml", "png", "image/png",
-            "jpg", "image/jpeg", "jpeg", "image/jpeg", "webp", "image/webp", "gif", "image/gif");
+    static final Map<String, String> TYPES = Map.ofEntries(
+            Map.entry("html", "text/html; charset=utf-8"), Map.entry("js", "text/javascript; charset=utf-8"),
+            Map.entry("css", "text/css; charset=utf-8"), Map.entry("svg", "image/svg+xml"),
+            Map.entry("png", "image/png"), Map.entry("jpg", "image/jpeg"), Map.entry("jpeg", "image/jpeg"),
+            Map.entry("webp", "image/webp"), Map.entry("gif", "image/gif"),
+            Map.entry("mp4", "video/mp4"), Map.entry("webm", "video/webm")); // clips, for video models
 
     /** One file to send: its content type and bytes. */
     record Page(String type, byte[] bytes) {}
@@ -81,7 +83,10 @@ final class ConsoleFiles {
         return new Page(type, Files.readAllBytes(path));
     }
 
-    /** {"samples": [names]}: the images in the samples folder, sorted; empty where there is none. */
+    /**
+     * {"samples": [names]}: the images and clips in the samples folder, sorted; empty where there is
+     * none. The page shows each task those that fit it, by their extension.
+     */
     static JsonObject samples() throws IOException {
         JsonArray names = new JsonArray();
         String value = System.getenv(SAMPLES_ENV);
@@ -89,7 +94,7 @@ final class ConsoleFiles {
             TreeSet<String> sorted = new TreeSet<>();
             try (Stream<Path> files = Files.list(Paths.get(value))) {
                 files.map(path -> path.getFileName().toString())
-                        .filter(name -> FILE_NAME.matcher(name).matches() && isImage(name))
+                        .filter(name -> FILE_NAME.matcher(name).matches() && isSample(name))
                         .forEach(sorted::add);
             }
             sorted.forEach(names::add);
@@ -99,9 +104,10 @@ final class ConsoleFiles {
         return body;
     }
 
-    static boolean isImage(String name) {
+    /** An image a model reads (not an SVG drawing) or a clip. */
+    static boolean isSample(String name) {
         String type = TYPES.get(extension(name));
-        return type != null && type.startsWith("image/") && !type.startsWith("image/svg");
+        return type != null && (type.startsWith("image/") && !type.startsWith("image/svg") || type.startsWith("video/"));
     }
 
     private static String extension(String name) {
