@@ -54,9 +54,9 @@ done
 mkdir "$root/dev/shm" && mount -t tmpfs -o mode=1777,size=64m tmpfs "$root/dev/shm"
 if touch "$root/opt/tvserve/written" 2>/dev/null; then die "The root is not read-only."; fi
 
-read -r inference management metrics grpc1 grpc2 probe < <(python3 -c '
+read -r inference management metrics grpc1 grpc2 probe console < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(6)]
+socks = [socket.socket() for _ in range(7)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))')
 # The image's environment (Dockerfile ENV) and the Deployment's, on free loopback ports.
@@ -65,6 +65,7 @@ env -i PATH=/opt/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/var/lib/tvserve LA
   TVSERVE_INFERENCE_ADDRESS="http://127.0.0.1:$inference" TVSERVE_MANAGEMENT_ADDRESS="http://127.0.0.1:$management" \
   TVSERVE_METRICS_ADDRESS="http://127.0.0.1:$metrics" TVSERVE_GRPC_INFERENCE_PORT="$grpc1" \
   TVSERVE_GRPC_MANAGEMENT_PORT="$grpc2" TVSERVE_PROBE_ADDRESS="http://127.0.0.1:$probe" TVSERVE_UNREADY_SECONDS=2 \
+  TVSERVE_CONSOLE_ADDRESS="http://127.0.0.1:$console" \
   chroot --userspec=10001:10001 "$root" /bin/sh -c 'cd /opt/tvserve && exec /usr/bin/tini -- /opt/tvserve/entrypoint.sh' \
   > "$work/log" 2>&1 &
 server=$!

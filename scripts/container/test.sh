@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make image-test` (after `make image`): runs the image's own ENTRYPOINT with buildah on the
 # host's network (`podman run` cannot set rlimits here), waits for the image's own HEALTHCHECK to
-# pass, predicts held-out digits from the host with the token from the key volume, then sends
+# pass, predicts held-out digits from the host with the token from the key volume, opens the
+# console at its own address (its page without a key, its model list only with one), then sends
 # SIGTERM to the container's PID 1 (as `docker stop` does) and checks a clean stop: exit 0 and no
 # java or worker process left. Ports are free loopback ports, so other servers may run meanwhile.
 set -euo pipefail
@@ -19,9 +20,9 @@ mapfile -t entrypoint < <(config_list 'd["OCIv1"]["config"].get("Entrypoint")')
 mapfile -t healthcheck < <(config_list '(d["Docker"]["config"].get("Healthcheck") or {}).get("Test")')
 [ "${healthcheck[0]:-}" = CMD ] || die "The image has no exec-form HEALTHCHECK (got: ${healthcheck[*]:-none})."
 healthcheck=("${healthcheck[@]:1}")
-read -r inference management metrics grpc1 grpc2 probe < <(python3 -c '
+read -r inference management metrics grpc1 grpc2 probe console < <(python3 -c '
 import socket
-socks = [socket.socket() for _ in range(6)]
+socks = [socket.socket() for _ in range(7)]
 for s in socks: s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))')
 
@@ -50,7 +51,8 @@ trap cleanup EXIT
   --env TVSERVE_MANAGEMENT_ADDRESS="http://127.0.0.1:$management" \
   --env TVSERVE_METRICS_ADDRESS="http://127.0.0.1:$metrics" \
   --env TVSERVE_GRPC_INFERENCE_PORT="$grpc1" --env TVSERVE_GRPC_MANAGEMENT_PORT="$grpc2" \
-  --env TVSERVE_PROBE_ADDRESS="http://127.0.0.1:$probe" "$container"
+  --env TVSERVE_PROBE_ADDRESS="http://127.0.0.1:$probe" --env TVSERVE_CONSOLE_ADDRESS="http://127.0.0.1:$console" \
+  "$container"
 run=("${BUILDAH[@]}" run --isolation chroot --network host --volume "$state:/var/lib/tvserve" "$container" --)
 in_container() { "${run[@]}" "$@"; }
 # The container's PID 1: buildah run -> buildah-chroot-runtime -> buildah-chroot-exec -> it.
@@ -92,9 +94,9 @@ for image, label in zip(split.val_images, split.val_labels):
     if int(label) not in seen:
         seen.add(int(label))
         to_pil_image(image).save(f"/var/lib/tvserve/digit_{int(label)}.png")'
-python3 - "$state" "http://127.0.0.1:$inference" <<'PY'
+python3 - "$state" "http://127.0.0.1:$inference" "http://127.0.0.1:$console" <<'PY'
 import json, pathlib, sys, urllib.error, urllib.request
-state, url = pathlib.Path(sys.argv[1]), sys.argv[2]
+state, url, console = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 
 def predict(image, token=None):
     headers = {"Content-Type": "image/png", **({"Authorization": f"Bearer {token}"} if token else {})}
@@ -122,6 +124,21 @@ for image in images:
 print(f"{right}/{len(images)} held-out digits right")
 if right < len(images) - 1:  # the model is ~98% accurate on held-out digits
     sys.exit("error: the served digits_net does not recognise the digits")
+# The console at its own address: its page needs no key, what it relays needs the inference key.
+with urllib.request.urlopen(f"{console}/console/", timeout=30) as page:
+    if b"<html" not in page.read().lower():
+        sys.exit("error: the console's address did not answer its page")
+try:
+    urllib.request.urlopen(f"{console}/console/api/models", timeout=30)
+    sys.exit("error: the console relayed the model list without the key")
+except urllib.error.HTTPError as err:
+    print(f"console: the page without a key, its model list refused without one (HTTP {err.code})")
+request = urllib.request.Request(f"{console}/console/api/models", headers={"Authorization": f"Bearer {token}"})
+with urllib.request.urlopen(request, timeout=30) as listing:
+    names = [model["name"] for model in json.load(listing)["models"]]
+if "digits_net" not in names:
+    sys.exit(f"error: the console's model list with the key is {names}")
+print("console: the model list with the key names digits_net")
 PY
 
 pid1=$(container_pid1) && [ "$(cat "/proc/$pid1/comm")" = tini ] || die "No tini process under buildah (pid $server)."
