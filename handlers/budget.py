@@ -16,6 +16,12 @@ PREPARE_THREADS_ENV = "TVSERVE_PREPARE_THREADS"  # every worker's prepare pool (
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
+def worker_defaults(env) -> dict:
+    """WORKER_ENV's entries that `env` (a dict, or os.environ) does not set: a worker's environment
+    is `env` updated with them."""
+    return {key: value for key, value in WORKER_ENV.items() if key not in env}
+
+
 def cores(env: dict = None) -> int:
     """TVSERVE_CPUS where set in `env` (default: this process's environment; a container sees the
     node's CPUs, not its limit), else this machine's."""

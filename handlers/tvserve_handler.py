@@ -13,8 +13,9 @@ Lifecycle, in the TorchServe worker:
   the worker's device, on the pool's threads; a client mistake gets its own 4xx, the rest of the
   batch still runs); the task makes one model input of the batch's prepared requests (stacked for
   classification, a list of images of their own sizes for detection) and runs the forward under
-  `torch.inference_mode()`, then the task's answer per request, encoded by its protocol. Metadata requests are answered without a forward; explanations
-  (handlers/explanations.py) run apart, on the eager model.
+  `torch.inference_mode()`, then the task's answer per request, encoded by its protocol. Metadata
+  requests are answered without a forward; explanations (handlers/explanations.py) run apart, on
+  the eager model.
 - The management API's `GET /models/NAME?customized=true` gets the archive's record.
 
 Everything here imports torch, torchvision, PIL, the runtime's library and the files shipped in

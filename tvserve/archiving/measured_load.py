@@ -45,7 +45,7 @@ from dataclasses import replace
 from multiprocessing.connection import wait
 from pathlib import Path
 
-from handlers.budget import MAX_AUTO_WORKERS, WORKER_ENV
+from handlers.budget import MAX_AUTO_WORKERS, worker_defaults
 from handlers.record import MeasuredLoad
 from tvserve import TvserveError
 
@@ -149,7 +149,7 @@ def measure(folder: Path, candidates: list, concurrency: int, body: bytes) -> li
 def worker_environment():
     """This process's environment with a served worker's (budget.WORKER_ENV, where unset) while the
     measuring workers are spawned: they start with it, as TorchServe's workers do under `tvserve serve`."""
-    added = {key: value for key, value in WORKER_ENV.items() if key not in os.environ}
+    added = worker_defaults(os.environ)
     os.environ.update(added)
     try:
         yield

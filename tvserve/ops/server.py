@@ -25,7 +25,7 @@ from pathlib import Path
 
 import requests
 
-from handlers.budget import WORKER_ENV, cores_per_worker
+from handlers.budget import cores_per_worker, worker_defaults
 from tvserve import TvserveError
 from tvserve.archiving.mar import read_model_config, registered_name
 from tvserve.ops import logs, state
@@ -177,7 +177,7 @@ class Server(RunsInBlock):
         tmp.mkdir(parents=True, exist_ok=True)
         env.update(TMPDIR=str(tmp), TEMP=str(tmp), LOG_LOCATION=str(self.log_dir), METRICS_LOCATION=str(self.log_dir))
         env["TVSERVE_BUSY_DIR"] = str(self.busy_dir)  # workers mark the batches they are running
-        env.update({key: value for key, value in WORKER_ENV.items() if key not in env})  # handlers/budget.py
+        env.update(worker_defaults(env))  # idle torch threads sleep (handlers/budget.py)
         env.update(self.console_environment())
         if "TVSERVE_THREADS" not in env:
             env["TVSERVE_THREADS"] = str(self.threads_per_worker())

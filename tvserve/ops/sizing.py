@@ -14,8 +14,9 @@ Here the serving machine's facts (GPU count, cores) re-size the decided ones:
   core's threads stays one worker (now with this machine's cores), the shared shape (two workers
   that each had every core) stays two workers sharing this machine's cores, many workers of a few
   threads each become one per core here (at most budget.MAX_AUTO_WORKERS). The server's threads
-  per worker count a model of the shared shape as one worker's worth of cores (Plan.cores_claimed). The batch size and delay stay:
-  the load cannot be re-run here, and the winner's batch size is what its shape was measured with.
+  per worker count a model of the shared shape as one worker's worth of cores (Plan.cores_claimed).
+  The batch size and delay stay: the load cannot be re-run here, and the winner's batch size is
+  what its shape was measured with.
   Archives sized before sizes were measured keep their workers.
 
 Pure apart from Machine.detect and plan_archive (which read the machine and the archive); no torch,
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from handlers.budget import MAX_AUTO_WORKERS, cores
-from handlers.record import DECODE_ENV, DEFAULT_DECODE, MeasuredLoad, Sizing
+from handlers.record import DECODE_ENV, DEFAULT_DECODE, Sizing
 from tvserve import TvserveError
 from tvserve.archiving.mar import read_model_config, read_record, registered_version
 
@@ -173,18 +174,19 @@ def plan_workers(archived: dict, sizing: Sizing, machine: Machine, decode: str =
         return Size(archived["workers"], f"{how} on {sizing.cores} cores, as here")
     if not (sizing.measured and sizing.measured.winner()):
         return Size(archived["workers"], f"decided on {sizing.cores} cores without a measured load: kept")
-    return measured_workers(sizing.measured, sizing.cores, machine.cores)
+    return measured_workers(sizing, machine.cores)
 
 
-def measured_workers(measured: MeasuredLoad, measured_cores: int, cores: int) -> Size:
-    """The measured winner's shape on `cores` (re-planned: its cores differ from `measured_cores`):
-    one worker with every core's threads stays one, several workers become one per core."""
-    winner = measured.winner()
-    shape = f"re-planned for {cores} cores from the load measured on {measured_cores}: its winner, " \
+def measured_workers(sizing: Sizing, cores: int) -> Size:
+    """The measured winner's shape on `cores` (re-planned: its cores differ from `sizing.cores`): one
+    worker with every core's threads stays one, the shared shape stays its workers sharing every
+    core, several workers of a few threads each become one per core."""
+    winner = sizing.measured.winner()
+    shape = f"re-planned for {cores} cores from the load measured on {sizing.cores}: its winner, " \
             f"{winner['workers']} worker(s) x {winner['threads']} threads,"
     if winner["workers"] == 1:
         return Size(1, f"{shape} keeps one worker, with {cores} threads here")
-    if winner["workers"] * winner["threads"] > measured_cores:
+    if sizing.shares_cores():
         return Size(winner["workers"], f"{shape} keeps its {winner['workers']} workers sharing every core")
     workers = min(cores, MAX_AUTO_WORKERS)
     return Size(workers, f"{shape} becomes one per core here (at most {MAX_AUTO_WORKERS})")

@@ -23,10 +23,9 @@ machine: the load average is recorded with each model's figures.
 
 import os
 
-from handlers.budget import WORKER_ENV
+from handlers.budget import worker_defaults
 
-for _key, _value in WORKER_ENV.items():  # as in a worker (tvserve/ops/server.py), before torch is loaded
-    os.environ.setdefault(_key, _value)
+os.environ.update(worker_defaults(os.environ))  # as in a worker (tvserve/ops/server.py), before torch is loaded
 
 import argparse
 import contextlib
