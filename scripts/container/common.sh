@@ -21,3 +21,13 @@ need_commands() {
   "${sudo[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
+
+# Stops with what to do unless the filesystem holding DIR has GB gigabytes free.
+need_free() {
+  local dir=$1 gb=$2 what=$3 free
+  mkdir -p "$dir"
+  free=$(df --output=avail -BG "$dir" | tail -n 1 | tr -dc 0-9)
+  [ "$free" -ge "$gb" ] || die "Only ${free} GB free under $dir; $what needs about $gb GB." \
+    "Free some (old images: ${BUILDAH[*]} rmi --prune; pytest's temporary trees: /tmp/pytest-of-$(id -un))" \
+    "or point TMPDIR elsewhere, then retry."
+}
