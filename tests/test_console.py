@@ -387,3 +387,14 @@ def test_a_flow_model_given_one_image_says_it_takes_two(browser, server, moving)
     assert "takes two images" in error.text and "(1 given)" in error.text
     assert browser.find_element(By.ID, "status").text == ""  # nothing sent
     assert severe_logs(browser) == []
+
+
+def test_the_console_address_refuses_a_body_over_max_request_size_with_a_413_that_says_it(with_tokens):
+    """The relay reads at most max_request_size + 1 bytes of a body and answers 413 above the limit,
+    naming it, without passing the request on (no key needed: nothing reaches TorchServe)."""
+    limit = int(read_properties(REPO / "config.production.properties")["max_request_size"])
+    response = requests.post(f"{with_tokens.console_address}/predictions/digits_net", data=b"\0" * (limit + 1), timeout=60)
+    assert response.status_code == 413
+    assert f"max_request_size ({limit} bytes)" in response.json()["error"]
+    assert requests.post(f"{with_tokens.console_address}/predictions/digits_net", data=b"\0" * 16, timeout=60,
+                         headers=client.bearer(with_tokens.keys()["inference"])).status_code == 400  # not an image

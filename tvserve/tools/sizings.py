@@ -56,6 +56,7 @@ def sized_copy(mar: Path, store: Path, sizing: tuple) -> Path:
 
 def measure(store: Path, model: str, image: Path, concurrency: list, duration: float, work: Path) -> list:
     """[(concurrency, wrk's result)] of one served store."""
+    work.mkdir(parents=True, exist_ok=True)
     config = free_ports_config(DEVELOPMENT_CONFIG, work / "config.properties")
     with Server(model_store=store, config=config, workdir=work / "server") as server:
         url = f"{server.inference_url}/predictions/{model}"
