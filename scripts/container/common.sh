@@ -27,6 +27,7 @@ need_free() {
   local dir=$1 gb=$2 what=$3 free
   mkdir -p "$dir"
   free=$(df --output=avail -BG "$dir" | tail -n 1 | tr -dc 0-9)
+  echo "Disk: ${free} GB free under $dir ($what: about $gb GB)"
   [ "$free" -ge "$gb" ] || die "Only ${free} GB free under $dir; $what needs about $gb GB." \
     "Free some (old images: ${BUILDAH[*]} rmi --prune; pytest's temporary trees: /tmp/pytest-of-$(id -un))" \
     "or point TMPDIR elsewhere, then retry."
