@@ -448,7 +448,7 @@ def litserve_targets(report: dict) -> list:
         out.append(goal(f"resnet18 0.5MP c={concurrency} req/s, tvserve / best LitServe set-up",
                         ratio(ours and ours["rps"], best), 1.3))
         out.append(goal(f"resnet18 0.5MP c={concurrency}: 1.3x the best LitServe set-up's req/s over tvserve's ceiling "
-                        "in this run (every core busy at its CPU per request; above 1: out of this machine's reach)",
+                        "in this run (every core busy at its CPU per request; above 1: out of reach at that cost)",
                         ratio(best and 1.3 * best, ours and ceiling_rps(ours, report["machine"]["cores"])), 1.0,
                         at_least=False))
     return out
