@@ -48,7 +48,7 @@ from tvserve.ops.server import Server
 from tvserve.tools.batches import BatchRun, batch_rows, markdown as batch_markdown, targets as batch_targets
 from tvserve.tools.inprocess import load_handler, predict, time_loop
 from tvserve.tools.inprocess import probabilities
-from tvserve.tools.loadgen import run_wrk, wrk_path
+from tvserve.tools.loadgen import run_wrk, server_cpu_ms, wrk_path
 from tvserve.tools.peers import LITSERVE_SETUPS, LitServePeer, litserve_name, require_litserve
 from tvserve.tools.photos import PHOTOS
 from tvserve.tools.stock import archive_stock_book_model, archive_stock_resnet18, stock_config
@@ -457,9 +457,8 @@ def litserve_targets(report: dict) -> list:
 def ceiling_rps(row: dict, cores: int):
     """The req/s a server would give with every core busy at the CPU per request it spent at this point
     (the machine's busy share less wrk's own CPU): what no overlap of stages can exceed."""
-    busy, loadgen = row.get("machine_busy_pct"), row.get("loadgen_cpu_pct") or 0.0
-    server_cores = None if busy is None else busy / 100 * cores - loadgen / 100
-    return round(cores * row["rps"] / server_cores, 1) if server_cores and server_cores > 0 else None
+    cpu_ms = server_cpu_ms(row, cores)
+    return round(cores * 1000 / cpu_ms, 1) if cpu_ms else None
 
 
 def forward_rps(rows: list, int8: bool) -> float:

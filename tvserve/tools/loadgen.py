@@ -74,6 +74,15 @@ def run_wrk(url: str, body: Path, *, concurrency: int, duration: float, timeout_
     }
 
 
+def server_cpu_ms(result: dict, cores: int):
+    """CPU milliseconds a request cost the machine at one run_wrk point, wrk's own CPU left out
+    (the machine's busy share of `cores`, less wrk's); None where busy was not measured or nothing
+    was answered."""
+    busy, loadgen = result.get("machine_busy_pct"), result.get("loadgen_cpu_pct") or 0.0
+    server_cores = None if busy is None else busy / 100 * cores - loadgen / 100
+    return 1000 * server_cores / result["rps"] if server_cores and server_cores > 0 and result["rps"] else None
+
+
 class BusyMeter:
     """How busy the whole machine was since this was made: the share of every core's time that was
     not idle or waiting on I/O (Linux /proc/stat's first line), in %; None where /proc/stat is missing."""

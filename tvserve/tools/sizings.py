@@ -25,7 +25,7 @@ from tvserve import TvserveError
 from tvserve.archiving.mar import registered_name
 from tvserve.ops.properties import DEVELOPMENT_CONFIG, free_ports_config
 from tvserve.ops.server import Server
-from tvserve.tools.loadgen import run_wrk
+from tvserve.tools.loadgen import run_wrk, server_cpu_ms
 
 SIZING = re.compile(r"(\d+)x(\d+)b(\d+)")
 
@@ -68,11 +68,10 @@ def measure(store: Path, model: str, image: Path, concurrency: list, duration: f
 
 
 def line(name: str, clients: int, result: dict) -> str:
-    cores = os.cpu_count() or 1
-    busy = result["machine_busy_pct"]
-    cpu_ms = busy / 100 * cores * 1000 / result["rps"] if result["rps"] else float("nan")
+    cpu_ms = server_cpu_ms(result, os.cpu_count() or 1)
     return (f"{name:8s} c={clients:<3d} {result['rps']:7.1f} req/s  p50 {result['p50_ms']:7.1f}  p99 "
-            f"{result['p99_ms']:7.1f} ms  busy {busy:5.1f}%  {cpu_ms:5.1f} ms CPU/req  load {os.getloadavg()[0]:.2f}")
+            f"{result['p99_ms']:7.1f} ms  busy {result['machine_busy_pct']:5.1f}%  "
+            f"{cpu_ms or float('nan'):5.1f} ms CPU/req  load {os.getloadavg()[0]:.2f}")
 
 
 def main(argv=None) -> int:
