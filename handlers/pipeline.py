@@ -13,7 +13,8 @@ batch-mates). The forward waits for the whole batch: one forward of several imag
 image than several of one (handlers/tvserve_handler.py handle_batch). What overlaps a worker's
 decoding with a forward is a second worker: the archiver's measured sizing tries two workers that
 each have every core (tvserve/archiving/measured_load.py), so that while one decodes its batch the
-other's forward has the cores, and keeps it where it serves the most at load.
+other's forward has the cores, and keeps it where it serves the most at load. When both forwards
+do run at once, the one that starts second runs on half its threads (handlers/elastic.py).
 Why not TorchServe's asynchronous worker mode, which takes requests as they arrive: its frontend
 (AsyncWorkerThread, AsyncBatchAggregator in TorchServe 0.12) enforces no response timeout, does not
 requeue the requests a killed worker held, and hands the worker every queued request at once, so

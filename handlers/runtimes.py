@@ -222,6 +222,7 @@ class Runtime:
     file: str = None
     export: Callable = None
     precision: str = "fp32"  # fp32: within the task's parity tolerance of eager; int8: measured on images
+    own_threads: bool = False  # its threads are its session's (`load(threads=)`), not torch's (set_threads)
     engine: str = None  # a quantized engine: serves only models torchvision quantized for it, never tried on others
 
 
@@ -229,10 +230,12 @@ RUNTIMES = {runtime.name: runtime for runtime in (
     Runtime("eager", lambda model, device, **_: Eager(model, device)),
     Runtime("eager_channels_last", lambda model, device, **_: Eager(model, device, channels_last=True)),
     Runtime("torchscript", lambda path, **_: TorchScript(path), "model.ts", export_torchscript),
-    Runtime("onnxruntime", lambda path, threads, **_: OnnxRuntime(path, threads), "model.onnx", export_onnx),
-    Runtime("openvino", lambda path, threads, **_: OpenVino(path, threads), "model.onnx", export_onnx),
+    Runtime("onnxruntime", lambda path, threads, **_: OnnxRuntime(path, threads), "model.onnx", export_onnx,
+            own_threads=True),
+    Runtime("openvino", lambda path, threads, **_: OpenVino(path, threads), "model.onnx", export_onnx,
+            own_threads=True),
     Runtime("onnxruntime_int8", lambda path, threads, **_: OnnxRuntime(path, threads), "model.int8.onnx",
-            export_onnx_int8, precision="int8"),
+            export_onnx_int8, precision="int8", own_threads=True),
     *(Runtime(f"quantized_{engine}", lambda model, engine=engine, **_: Quantized(model, engine), precision="int8",
               engine=engine) for engine in ("fbgemm", "qnnpack")),
 )}

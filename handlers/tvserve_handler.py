@@ -4,7 +4,8 @@ Lifecycle, in the TorchServe worker:
 - `initialize(context)` once: reads the archive's record (tvserve.json, handlers/record.py), sets
   its thread budget, checks the sha256 of the weights (or of the exported model), loads the
   recorded runtime (handlers/runtimes.py; eager on a GPU) in the archive's precision or the
-  server's TVSERVE_PRECISION override (handlers/precision.py), and builds the task
+  server's TVSERVE_PRECISION override (handlers/precision.py), on the CPU with elastic threads
+  (handlers/elastic.py: half its threads while other workers' forwards hold the cores), and builds the task
   (handlers/tasks/), the preprocessing (handlers/devices.py) and its metrics (handlers/telemetry.py).
 - `handle(data, context)` per batch, as a pipeline (handlers/pipeline.py): each request's protocol
   (handlers/protocols/: `/predictions` JSON, or OIP v2 / KServe v1 as tvserve's frontend plugin
@@ -31,8 +32,9 @@ from pathlib import Path
 
 import torch
 
-from handlers.budget import prepare_threads, thread_budget
+from handlers.budget import cores, prepare_threads, thread_budget
 from handlers.devices import model_device, preprocessor_for
+from handlers.elastic import TorchThreads, elastic, narrow_threads
 from handlers.errors import RequestError
 from handlers.explanations import Explainer
 from handlers.models import load_model
@@ -51,14 +53,27 @@ log = logging.getLogger(__name__)
 def load_backend(model_dir: Path, record: Record, threads: int, device: str, precision: str):
     """(runtime name, runner) of the archive's recorded backend (eager for records without one), or
     of the eager runtime that stands in for it on `device` in `precision` (runtimes.runtime_for),
-    set up to run in `precision` (handlers/precision.py)."""
+    set up to run in `precision` (handlers/precision.py); on the CPU with elastic threads
+    (handlers/elastic.py)."""
     backend = record.backend or Backend()
     name = runtime_for(backend.name, device, precision)
-    if get_runtime(name).file is None:
+    runtime = get_runtime(name)
+    if runtime.file is None:
         runner = load_runner(name, model=load_model(model_dir, record), device=device)
     else:
-        runner = load_runner(name, path=backend.verified(model_dir), threads=threads)
-    return name, apply_precision(runner, precision, device)
+        path = backend.verified(model_dir)
+        runner = load_runner(name, path=path, threads=threads)
+    runner = apply_precision(runner, precision, device)
+    if torch.device(device).type != "cpu":
+        return name, runner
+    narrow = narrow_threads(threads)
+    if runtime.own_threads:  # a second session of the same file, on fewer threads
+        def make_narrow():
+            return apply_precision(load_runner(name, path=path, threads=narrow), precision, device)
+    else:  # torch's threads, set around the forward
+        def make_narrow():
+            return TorchThreads(runner, narrow, threads)
+    return name, elastic(runner, make_narrow, threads, cores())
 
 
 @contextlib.contextmanager
@@ -104,6 +119,13 @@ class TvserveHandler:
         log.info("tvserve: loaded %s (%s), %d labels, backend %s on %s, %d threads (prepare pool %d), %s decoding, "
                  "precision %s", self.record.name, self.record.source, len(self.record.labels), self.backend, device,
                  threads, self.prepare_pool.threads, self.preprocessor.name, describe_precision(self.precision, device))
+
+    def close(self) -> None:
+        """Stops the prepare pool's threads and gives up the elastic runner's lock file: for a handler
+        replaced in the same process (the archiver's measuring workers). TorchServe never calls it."""
+        self.prepare_pool.close()
+        if hasattr(self.runner, "close"):
+            self.runner.close()
 
     def decode(self, protocol, request: dict, headers: dict) -> tuple:
         """One request -> (Decoded, [Tensor[3, H, W] float32 per image], options: the task's, and

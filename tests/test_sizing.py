@@ -250,18 +250,21 @@ def test_two_workers_sharing_the_cores_stay_two_and_claim_one_workers_cores():
 
 
 def test_the_side_by_side_tool_serves_copies_sized_as_asked(tmp_path):
-    """tvserve/tools/sizings.py: WxTbB parsed, refused in any other form, and written into a copy's
-    model-config.yaml (threads pinned), every other member kept."""
+    """tvserve/tools/sizings.py: WxTbB[dD] parsed (-rigid: elastic threads off), refused in any other form,
+    and written into a copy's model-config.yaml (threads pinned), every other member kept."""
     import zipfile
-    from tvserve.tools.sizings import parse_sizing, sized_copy
-    assert parse_sizing("2x2b8") == (2, 2, 8)
+    from tvserve.tools.sizings import parse_sizing, server_env, sized_copy
+    assert parse_sizing("2x2b8") == parse_sizing("2x2b8-rigid") == (2, 2, 8, 1)
+    assert parse_sizing("2x2b8d0-rigid") == (2, 2, 8, 0)
+    assert server_env("2x2b8") == {} and server_env("2x2b8-rigid") == {"TVSERVE_ELASTIC": "off"}
     with pytest.raises(TvserveError, match="WORKERSxTHREADSbBATCH"):
         parse_sizing("2 workers")
     mar = tmp_path / "m.mar"
     with zipfile.ZipFile(mar, "w") as archive:
         archive.writestr("model-config.yaml", "minWorkers: 1\n")
         archive.writestr("weights.pt", b"\x00weights")
-    store = sized_copy(mar, tmp_path / "store", (2, 2, 8))
+    store = sized_copy(mar, tmp_path / "store", (2, 2, 8, 0))
     config = read_model_config(store / "m.mar")
-    assert (config["minWorkers"], config["maxWorkers"], config["batchSize"], config["handler"]["threads"]) == (2, 2, 8, 2)
+    assert (config["minWorkers"], config["maxWorkers"], config["batchSize"], config["maxBatchDelay"],
+            config["handler"]["threads"]) == (2, 2, 8, 0, 2)
     assert zipfile.ZipFile(store / "m.mar").read("weights.pt") == b"\x00weights"

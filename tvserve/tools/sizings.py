@@ -4,7 +4,8 @@ sizing's shapes compare over real HTTP, where the archiver's own short load cann
     python -m tvserve.tools.sizings ARCHIVE.mar --sizings 1x2b8,2x2b8,2x1b1 --image photo.jpg \
         --concurrency 4,16 --rounds 2
 
-A sizing WxTbB is W workers of T threads each, batches of B (1 ms batch delay). Each is a copy of
+A sizing WxTbB is W workers of T threads each, batches of B (1 ms batch delay; WxTbBdD: D ms); a
+-rigid suffix serves it with elastic threads off (TVSERVE_ELASTIC=off: every forward on all T threads, handlers/elastic.py). Each is a copy of
 the archive whose model-config.yaml says so (handler.threads pins the threads: 2x2 on 2 cores is the
 shared shape, two workers each with every core), served by `tvserve serve`'s Server on free ports
 and loaded with wrk (`apt-get install wrk`). Each line: req/s, p50 / p99 ms, the machine's busy %,
@@ -21,25 +22,33 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from handlers.elastic import ENV as ELASTIC_ENV
 from tvserve import TvserveError
 from tvserve.archiving.mar import registered_name
 from tvserve.ops.properties import DEVELOPMENT_CONFIG, free_ports_config
 from tvserve.ops.server import Server
 from tvserve.tools.loadgen import run_wrk, server_cpu_ms
 
-SIZING = re.compile(r"(\d+)x(\d+)b(\d+)")
+SIZING = re.compile(r"(\d+)x(\d+)b(\d+)(?:d(\d+))?(-rigid)?")
 
 
 def parse_sizing(text: str) -> tuple:
-    """'2x2b8' -> (workers 2, threads 2, batch 8); a TvserveError saying the form otherwise."""
+    """'2x2b8' -> (workers 2, threads 2, batch 8, delay 1 ms); '2x2b8d0' -> (2, 2, 8, 0); a TvserveError
+    saying the form otherwise."""
     match = SIZING.fullmatch(text.strip())
     if not match:
-        raise TvserveError(f"Sizing {text!r}: write WORKERSxTHREADSbBATCH, e.g. 2x2b8.")
-    return tuple(int(part) for part in match.groups())
+        raise TvserveError(f"Sizing {text!r}: write WORKERSxTHREADSbBATCH[dDELAY][-rigid], e.g. 2x2b8 or 2x2b8d0-rigid.")
+    workers, threads, batch, delay = match.groups()[:4]
+    return int(workers), int(threads), int(batch), int(delay or 1)
 
 
-def model_config(workers: int, threads: int, batch: int) -> str:
-    return (f"minWorkers: {workers}\nmaxWorkers: {workers}\nbatchSize: {batch}\nmaxBatchDelay: 1\n"
+def server_env(text: str) -> dict:
+    """The server's environment for sizing `text`: elastic threads off for a -rigid one."""
+    return {ELASTIC_ENV: "off"} if text.strip().endswith("-rigid") else {}
+
+
+def model_config(workers: int, threads: int, batch: int, delay: int = 1) -> str:
+    return (f"minWorkers: {workers}\nmaxWorkers: {workers}\nbatchSize: {batch}\nmaxBatchDelay: {delay}\n"
             f"responseTimeout: 120\nstartupTimeout: 120\nhandler:\n  threads: {threads}\n")
 
 
@@ -54,11 +63,12 @@ def sized_copy(mar: Path, store: Path, sizing: tuple) -> Path:
     return store
 
 
-def measure(store: Path, model: str, image: Path, concurrency: list, duration: float, work: Path) -> list:
-    """[(concurrency, wrk's result)] of one served store."""
+def measure(store: Path, model: str, image: Path, concurrency: list, duration: float, work: Path,
+            env: dict = None) -> list:
+    """[(concurrency, wrk's result)] of one served store (its server's environment updated with `env`)."""
     work.mkdir(parents=True, exist_ok=True)
     config = free_ports_config(DEVELOPMENT_CONFIG, work / "config.properties")
-    with Server(model_store=store, config=config, workdir=work / "server") as server:
+    with Server(model_store=store, config=config, workdir=work / "server", env=env) as server:
         url = f"{server.inference_url}/predictions/{model}"
         results = []
         for clients in concurrency:
@@ -77,7 +87,8 @@ def line(name: str, clients: int, result: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("archive", type=Path)
-    parser.add_argument("--sizings", required=True, help="comma-separated WORKERSxTHREADSbBATCH, e.g. 1x2b8,2x2b8")
+    parser.add_argument("--sizings", required=True,
+                        help="comma-separated WORKERSxTHREADSbBATCH[dDELAY][-rigid], e.g. 1x2b8,2x2b8d0,2x2b8-rigid")
     parser.add_argument("--image", type=Path, required=True, help="the request body (one image file)")
     parser.add_argument("--concurrency", default="4,16", help="comma-separated connection counts")
     parser.add_argument("--duration", type=float, default=8.0, help="s measured per point, after 3 s of warm-up")
@@ -92,7 +103,7 @@ def main(argv=None) -> int:
                 for text, store in stores.items():
                     work = Path(folder) / "work" / text
                     for clients, result in measure(store, model, args.image, [int(c) for c in args.concurrency.split(",")],
-                                                   args.duration, work):
+                                                   args.duration, work, server_env(text)):
                         print(line(text, clients, result), flush=True)
                     shutil.rmtree(work, ignore_errors=True)
     except TvserveError as err:
