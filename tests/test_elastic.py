@@ -2,6 +2,7 @@
 are free and on half of them while other workers' forwards hold the cores, as seen through real
 lock files held by other processes; its answers do not change with the threads it ran on."""
 
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import torch
 from handlers.elastic import ENV, Elastic, Siblings, TorchThreads, elastic, folder
 from handlers.runtimes import export, load_runner
 from handlers.tasks.classification import PARITY_TOLERANCE
-from tests.helpers import REPO, wait_until
+from helpers import REPO, wait_until
 from tvserve.archiving.options import ArchiveOptions
 from tvserve.archiving.sources import archive_checkpoint
 from tvserve.ops.properties import free_ports_config
@@ -181,3 +182,20 @@ def test_a_served_worker_narrows_beside_a_sibling_s_forward_and_answers_the_same
         alone = probabilities(local, body)
         for row in answer:
             assert abs(row["probability"] - alone[row["index"]].item()) <= PARITY_TOLERANCE
+
+
+def test_the_overlap_tool_runs_two_workers_forwards_at_once_elastic_then_rigid(model_store):
+    """tvserve/tools/overlap.py on the digits archive, two 2-thread workers on 2 cores: a line per
+    mode with the workers' images/s; the rigid one ran every forward on 2 threads, the elastic one
+    on 2 or 1 (which depends on how the forwards met, not asserted)."""
+    done = subprocess.run([sys.executable, "-m", "tvserve.tools.overlap", str(model_store / "digits_net.mar"),
+                           "--threads", "2", "--seconds", "0.5", "--rounds", "1"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "TVSERVE_CPUS": "2"})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["elastic", "rigid"]
+    for line in lines:
+        assert float(line.split()[1]) > 0
+    elastic_counts, rigid = (json.loads(line.split("forwards by threads ")[1].split("  load")[0]) for line in lines)
+    assert len(rigid) == 2 and all(set(counts) == {"2"} for counts in rigid)  # [{threads: forwards}] per worker
+    assert len(elastic_counts) == 2 and all(counts and set(counts) <= {"1", "2"} for counts in elastic_counts)
