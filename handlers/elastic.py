@@ -44,9 +44,8 @@ log = logging.getLogger(__name__)
 ENV = "TVSERVE_ELASTIC"  # "off": every forward on all the worker's threads
 
 
-def enabled(env=None) -> bool:
-    env = os.environ if env is None else env
-    return env.get(ENV, "on").lower() not in ("off", "0", "false", "no")
+def enabled() -> bool:
+    return os.environ.get(ENV, "on").lower() not in ("off", "0", "false", "no")
 
 
 def folder() -> Path:
@@ -70,7 +69,7 @@ def alive(pid: int) -> bool:
 
 def parse(name: str):
     """(pid, threads) of a lock file's name, or None for anything else in the folder."""
-    stem, dot, suffix = name.partition(".")
+    stem, _, suffix = name.partition(".")
     pid, dash, threads = stem.partition("-")
     if suffix != "lock" or not dash or not pid.isdigit() or not threads.isdigit():
         return None

@@ -5,8 +5,8 @@ sizing's shapes compare over real HTTP, where the archiver's own short load cann
         --concurrency 4,16 --rounds 2
 
 A sizing WxTbB is W workers of T threads each, batches of B (1 ms batch delay; WxTbBdD: D ms); a
--rigid suffix serves it with elastic threads off (TVSERVE_ELASTIC=off: every forward on all T threads, handlers/elastic.py). Each is a copy of
-the archive whose model-config.yaml says so (handler.threads pins the threads: 2x2 on 2 cores is the
+-rigid suffix serves it with elastic threads off (TVSERVE_ELASTIC=off: every forward on all T
+threads, handlers/elastic.py). Each is a copy of the archive whose model-config.yaml says so (handler.threads pins the threads: 2x2 on 2 cores is the
 shared shape, two workers each with every core), served by `tvserve serve`'s Server on free ports
 and loaded with wrk (`apt-get install wrk`). Each line: req/s, p50 / p99 ms, the machine's busy %,
 the CPU ms a request took (busy cores / req/s) and the load average, so that a figure taken on a
@@ -32,19 +32,23 @@ from tvserve.tools.loadgen import run_wrk, server_cpu_ms
 SIZING = re.compile(r"(\d+)x(\d+)b(\d+)(?:d(\d+))?(-rigid)?")
 
 
-def parse_sizing(text: str) -> tuple:
-    """'2x2b8' -> (workers 2, threads 2, batch 8, delay 1 ms); '2x2b8d0' -> (2, 2, 8, 0); a TvserveError
-    saying the form otherwise."""
+def match_sizing(text: str) -> re.Match:
+    """SIZING's match of `text`; a TvserveError saying the form otherwise."""
     match = SIZING.fullmatch(text.strip())
     if not match:
         raise TvserveError(f"Sizing {text!r}: write WORKERSxTHREADSbBATCH[dDELAY][-rigid], e.g. 2x2b8 or 2x2b8d0-rigid.")
-    workers, threads, batch, delay = match.groups()[:4]
+    return match
+
+
+def parse_sizing(text: str) -> tuple:
+    """'2x2b8' -> (workers 2, threads 2, batch 8, delay 1 ms); '2x2b8d0' -> (2, 2, 8, 0)."""
+    workers, threads, batch, delay, _ = match_sizing(text).groups()
     return int(workers), int(threads), int(batch), int(delay or 1)
 
 
 def server_env(text: str) -> dict:
     """The server's environment for sizing `text`: elastic threads off for a -rigid one."""
-    return {ELASTIC_ENV: "off"} if text.strip().endswith("-rigid") else {}
+    return {ELASTIC_ENV: "off"} if match_sizing(text).group(5) else {}
 
 
 def model_config(workers: int, threads: int, batch: int, delay: int = 1) -> str:
