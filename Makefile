@@ -41,7 +41,7 @@ test: setup  ## the whole suite, against real TorchServe processes on free loopb
 docs: setup  ## the documentation site, docs/ -> .tvserve/site/ (MkDocs; --strict: no broken link or anchor)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict  # (the variable quiets Material's notice about MkDocs 2.0)
 
-bench: setup $(PEERS)  ## in-process vs tvserve (pipelined and serial) vs stock TorchServe vs LitServe, side by side (~45 min); writes benchmarks/latest.md
+bench: setup $(PEERS)  ## in-process vs tvserve (pipelined and serial) vs stock TorchServe vs LitServe, side by side (~55 min); writes benchmarks/latest.md
 	$(BIN)/tvserve bench --systems tvserve,serial,draft,int8,stock,litserve
 
 request-cost: setup  ## CPU ms per request, stage by stage, Net and resnet18 (~5 min); writes benchmarks/request_cost.md

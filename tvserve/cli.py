@@ -170,15 +170,15 @@ def cmd_bench(args):
 
     config = BenchConfig(models=tuple(args.models.split(",")), images=tuple(args.images.split(",")),
                          concurrency=tuple(int(c) for c in args.concurrency.split(",")),
-                         duration=args.duration, warmup=args.warmup, out=args.out, work=args.work,
-                         http=not args.no_http, systems=tuple(args.systems.split(",")), calibration=args.calibration,
-                         batches=batch_run(args))
+                         duration=args.duration, warmup=args.warmup, server_warmup=args.server_warmup,
+                         out=args.out, work=args.work, http=not args.no_http, systems=tuple(args.systems.split(",")),
+                         calibration=args.calibration, batches=batch_run(args))
     unknown = set(config.systems) - set(SYSTEMS)
     if unknown or "tvserve" not in config.systems:
         raise TvserveError(f"--systems takes tvserve (always) and any of {', '.join(SYSTEMS[1:])}; got {args.systems!r}.")
     if args.smoke:  # seconds: checks the harness, measures nothing worth reporting
         config.models, config.images, config.concurrency = ("net",), ("0.1MP",), (1, 4)
-        config.duration, config.warmup, config.out = 1.0, 1.0, config.work / "smoke"
+        config.duration, config.warmup, config.server_warmup, config.out = 1.0, 1.0, 0.0, config.work / "smoke"
         config.batches = BatchRun(batches=(1, 4), precisions=("fp32", "bf16"), duration=0.5, warmup=0.2)
     command = "tvserve bench " + " ".join(sys.argv[2:])
     report = run(config)
@@ -517,6 +517,8 @@ def get_parser(with_training: bool = True):
     bench.add_argument("--concurrency", default="1,4,16", help="comma-separated connection counts")
     bench.add_argument("--duration", type=float, default=8, help="s measured per point")
     bench.add_argument("--warmup", type=float, default=2, help="s of load before each point")
+    bench.add_argument("--server-warmup", type=float, default=30, help="s of load on each fresh server before its "
+                       "first point, at the highest concurrency (the Java frontend's JIT compiles meanwhile)")
     bench.add_argument("--out", type=Path, default=Path("benchmarks"), help="where latest.md and latest.json go")
     bench.add_argument("--work", type=Path, default=Path(".tvserve/bench"), help="archives, images, server logs")
     bench.add_argument("--no-http", action="store_true", help="in-process rows only (no Java or wrk here)")

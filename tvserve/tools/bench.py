@@ -73,6 +73,7 @@ class BenchConfig:
     concurrency: tuple = (1, 4, 16)
     duration: float = 8.0  # s measured per point
     warmup: float = 2.0  # s of the same load before each point
+    server_warmup: float = 30.0  # s of load on each fresh server before its first point (warm_up)
     work: Path = Path(".tvserve/bench")
     out: Path = Path("benchmarks")
     checkpoint: Path = Path("runs/digits_net/checkpoint.pt")  # the book's Net (trained if missing)
@@ -151,8 +152,24 @@ def lossy_effect(exact, lossy, images: dict, option: str = "jpeg_draft") -> dict
             "max_probability_change": max(gaps), "top1_agreement": f"{top1}/{total}", "top5_agreement": f"{top5}/{total}"}
 
 
+def warm_up(url: str, images: dict, config: BenchConfig) -> dict:
+    """`config.server_warmup` s of load on a fresh server, at the highest concurrency on the first
+    image, before its first point, so that every point measures a warm server. TorchServe's Java
+    frontend compiles its request path with C2 over its first minute of load: on resnet18 at c=4 its
+    compiler threads took about 1 ms of CPU a request over the first 30 s (2 cores, 2026-12-04), which a
+    server that has run for a while no longer pays. Every system gets the same, LitServe too.
+    Returns wrk's result (None where `server_warmup` is 0: the smoke run's)."""
+    if config.server_warmup <= 0:
+        return None
+    result = run_wrk(url, next(iter(images.values()))[0], concurrency=max(config.concurrency),
+                     duration=config.server_warmup)
+    log.info("warm-up %s: %d requests in %.0f s, %d errors", url, result["requests"], config.server_warmup, result["errors"])
+    return result
+
+
 def http_rows(system: str, model: str, server: Server, images: dict, config: BenchConfig) -> list:
     rows, url = [], f"{server.inference_url}/predictions/{model}"
+    warm_up(url, images, config)
     for name, paths in images.items():
         answer = client.predict(model, paths[0].read_bytes(), url=server.inference_url, topk=1)  # answers, before load
         log.info("%s %s %s: top-1 %s", system, model, name, answer[0] if isinstance(answer, list) else answer)
@@ -201,6 +218,7 @@ def litserve_rows(model: str, handler, images: dict, config: BenchConfig) -> tup
                 config.notes.append(f"{model}: {system} NOT TIMED: its answers differ from in-process by up to "
                                     f"{gap:.2e} (tolerance {tolerance:g}); its log: {workdir / 'console.log'}")
                 continue
+            warm_up(peer.predict_url, images, config)
             for name, paths in images.items():
                 for concurrency in config.concurrency:
                     run_wrk(peer.predict_url, paths[0], concurrency=concurrency, duration=config.warmup)
@@ -339,6 +357,7 @@ def run(config: BenchConfig) -> dict:
         config.notes.append("in-process only (--no-http): no TorchServe or wrk on this machine")
     images = make_images(config.work / "images", {name: IMAGE_SIZES[name] for name in config.images})
     report = {"machine": machine(), "config": {"duration_s": config.duration, "warmup_s": config.warmup,
+                                               "server_warmup_s": config.server_warmup,
                                                "concurrency": list(config.concurrency)}, "models": {}}
     for model in config.models:
         report["models"][model] = bench_model(model, images, config)
@@ -506,10 +525,16 @@ def fmt(value) -> str:
     return "-" if value is None else f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
+def timing_line(config: dict) -> str:
+    warm = config.get("server_warmup_s", 0)
+    return ((f"Each server had {fmt(warm)} s of load before its first point; each point " if warm else "Each point ")
+            + f"is {fmt(config['warmup_s'])} s of warm-up at its concurrency, then {fmt(config['duration_s'])} s measured.")
+
+
 def markdown(report: dict, command: str) -> str:
     m = report["machine"]
     lines = [f"Measured {m['date']} on {m['cpu']}, {m['cores']} cores" + (f", GPU {m['gpu']}" if m["gpu"] else "")
-             + f"; torch {m['torch']}. Command: `{command}`.", ""]
+             + f"; torch {m['torch']}. Command: `{command}`.", "", timing_line(report["config"]), ""]
     lines += [f"Note: {note}" for note in report["notes"]]
     for model, result in report["models"].items():
         backend = result["backend"]
