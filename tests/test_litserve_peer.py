@@ -52,7 +52,16 @@ def test_litserve_target_comes_with_this_machines_ceiling():
     report = {"machine": {"cores": 2}, "models": {"resnet18": {"rows": rows}}}
     targets = litserve_targets(report)
     ratios = [t["ratio"] for t in targets if "ceiling" not in t["target"]]
-    assert ratios == [round(30 / 36, 2), None]  # against the best set-up; none at c=16
+    assert ratios == [round(30 / 36, 3), None]  # against the best set-up; none at c=16
     ceiling = [t for t in targets if "ceiling" in t["target"]]
-    assert [t["ratio"] for t in ceiling] == [round(1.3 * 36 / 40, 2), None]  # no LitServe row at c=16
+    assert [t["ratio"] for t in ceiling] == [round(1.3 * 36 / 40, 3), None]  # no LitServe row at c=16
     assert [t["met"] for t in ceiling] == [False, None]
+
+
+def test_a_target_is_not_met_by_rounding():
+    """45.4 req/s against LitServe's 35.0 is 1.297: under the 1.3 target, though it reads 1.30 in two decimals."""
+    rows = [{"system": "(c) tvserve", "image": "0.5MP", "concurrency": 16, "rps": 45.4, "machine_busy_pct": None},
+            {"system": "(e) litserve, 2 workers, batch 4", "image": "0.5MP", "concurrency": 16, "rps": 35.0}]
+    target = litserve_targets({"machine": {"cores": 2}, "models": {"resnet18": {"rows": rows}}})[2]
+    assert target["target"].startswith("resnet18 0.5MP c=16 req/s")
+    assert target["ratio"] == 1.297 and target["met"] is False
