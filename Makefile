@@ -44,7 +44,7 @@ docs: setup  ## the documentation site, docs/ -> .tvserve/site/ (MkDocs; --stric
 bench: setup $(PEERS)  ## in-process vs tvserve (pipelined and serial) vs stock TorchServe vs LitServe, side by side (~55 min); writes benchmarks/latest.md
 	$(BIN)/tvserve bench --systems tvserve,serial,draft,int8,stock,litserve
 
-request-cost: setup  ## CPU ms per request, stage by stage, Net and resnet18 (~5 min); writes benchmarks/request_cost.md
+request-cost: setup  ## CPU ms per request, stage by stage, Net and resnet18 (~8 min); writes benchmarks/request_cost.md
 	$(BIN)/python -m tvserve.tools.request_cost
 
 bench-smoke: setup  ## a seconds-long bench run that checks the harness works (CI)

@@ -17,7 +17,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 
 from handlers.telemetry import Telemetry
 from test_metrics import scrape, settled, total
-from tvserve.tools.request_cost import worker_service
+from tvserve.tools.request_cost import compiler_cpu, proc_cpu, server_processes, worker_service
 
 # org.pytorch.serve.metrics.Metric.PATTERN (TorchServe 0.12's frontend): name, unit, value,
 # dimensions, type, hostname, timestamp, request ids
@@ -128,3 +128,13 @@ def test_no_line_per_request_in_ts_log_or_model_log_and_metrics_count_all(server
     for name in ("ts_log", "model_log"):
         written = server.log(name).splitlines()[start[name]:]
         assert written == [], (name, written[:5])
+
+
+def test_the_frontend_s_compiler_threads_are_told_apart(server, digit_files):
+    """The cost table's "its JIT compiler" row: the CPU of the frontend JVM's C1/C2 compiler threads,
+    read from /proc, is part of the JVM's and not zero once it has served requests."""
+    for path, _ in digit_files[:20]:
+        requests.post(f"{server.inference_url}/predictions/digits_net", data=path.read_bytes(), timeout=30).raise_for_status()
+    frontend = server_processes(server.process.pid)["frontend"]
+    assert len(frontend) == 1
+    assert 0 < compiler_cpu(frontend[0]) < proc_cpu(frontend[0])

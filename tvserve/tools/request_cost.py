@@ -242,10 +242,23 @@ def in_process(mar: Path, folder: Path, image: bytes, seconds: float) -> dict:
 # ---------------------------------------------------------------- served: TorchServe under load
 
 
-def proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system, all threads) process `pid` has used."""
+def proc_cpu(pid) -> float:
+    """CPU seconds (user + system, all threads) process `pid` has used (or one thread: "PID/task/TID")."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def compiler_cpu(pid: int) -> float:
+    """CPU seconds the JVM `pid`'s JIT compiler threads (C1, C2) have used: a young server's frontend
+    compiles its request path over its first minutes of load, and no longer pays that once warm."""
+    seconds = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "comm").read_text().startswith(("C1 Compiler", "C2 Compiler")):
+                seconds += proc_cpu(f"{pid}/task/{task.name}")
+        except OSError:  # a thread that ended
+            continue
+    return seconds
 
 
 def server_processes(session: int) -> dict:
@@ -275,9 +288,10 @@ def log_sizes(server: Server) -> dict:
 
 
 def serve_variant(variant: str, store: Path, model: str, body: Path, work: Path, *, concurrency: int,
-                  duration: float) -> dict:
-    """One served measurement: CPU ms per request of the frontend and the worker(s), log lines and
-    bytes per request, under `duration` s of wrk load at `concurrency` after a warm-up."""
+                  duration: float, warmup: float) -> dict:
+    """One served measurement: CPU ms per request of the frontend (and of its JIT compiler threads)
+    and the worker(s), log lines and bytes per request, under `duration` s of wrk load at
+    `concurrency` after `warmup` s of the same."""
     extra, env = VARIANTS[variant]
     workdir = work / "servers" / model / variant.replace(" ", "-")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -289,13 +303,15 @@ def serve_variant(variant: str, store: Path, model: str, body: Path, work: Path,
     write_properties(config, properties)
     with Server(model_store=store, config=config, workdir=workdir, env=env) as server:
         url = f"{server.inference_url}/predictions/{model}"
-        run_wrk(url, body, concurrency=concurrency, duration=duration)  # warm-up: the JIT compiles the hot paths
+        run_wrk(url, body, concurrency=concurrency, duration=warmup)  # the JIT compiles the hot paths meanwhile
         pids = server_processes(server.process.pid)
         before_logs = log_sizes(server)
         before = {role: sum(proc_cpu(pid) for pid in found) for role, found in pids.items()}
+        jit_before = sum(compiler_cpu(pid) for pid in pids["frontend"])
         load = os.getloadavg()
         result = run_wrk(url, body, concurrency=concurrency, duration=duration)
         after = {role: sum(proc_cpu(pid) for pid in found) for role, found in pids.items()}
+        jit = sum(compiler_cpu(pid) for pid in pids["frontend"]) - jit_before
         time.sleep(1.0)  # the last lines reach the logs
         after_logs = log_sizes(server)
         idle_start = {role: sum(proc_cpu(pid) for pid in found) for role, found in pids.items()}
@@ -304,6 +320,7 @@ def serve_variant(variant: str, store: Path, model: str, body: Path, work: Path,
                 for role, found in pids.items()}
     requests = result["requests"]
     cpu = {f"{role}_ms": 1000 * (after[role] - before[role]) / requests for role in after}
+    cpu["frontend_jit_ms"] = 1000 * jit / requests
     logged = {name: {"lines": (after_logs[name][0] - before_logs[name][0]) / requests,
                      "bytes": (after_logs[name][1] - before_logs[name][1]) / requests} for name in LOG_FILES}
     return {"variant": variant, "requests": requests, "errors": result["errors"], "rps": result["rps"],
@@ -326,15 +343,15 @@ def prepare(model: str, work: Path) -> tuple:
     return stores["tvserve"], image, config.notes
 
 
-def measure(model: str, work: Path, *, concurrency: int, duration: float, http: bool) -> dict:
+def measure(model: str, work: Path, *, concurrency: int, duration: float, warmup: float, http: bool) -> dict:
     store, image, notes = prepare(model, work)
     os.environ["TVSERVE_THREADS"] = str(cores_per_worker(1))  # as a server sizes its one worker
     result = {"image": f"{image.name} ({image.stat().st_size} B)", "notes": notes,
               "load_average_in_process": [round(value, 2) for value in os.getloadavg()]}
     result["in_process"] = in_process(store / f"{model}.mar", work / "unpacked" / model / "cost",
                                       image.read_bytes(), seconds=duration)
-    result["served"] = [serve_variant(variant, store, model, image, work, concurrency=concurrency, duration=duration)
-                        for variant in VARIANTS] if http else []
+    result["served"] = [serve_variant(variant, store, model, image, work, concurrency=concurrency, duration=duration,
+                                      warmup=warmup) for variant in VARIANTS] if http else []
     return result
 
 
@@ -357,17 +374,30 @@ def rows(report: dict) -> list:
         x, y = served(model, a), served(model, b)
         return x and y and x[key] - y[key]
 
+    def path(model, variant):
+        """The frontend's CPU a request less its JIT compiler's: what the request path itself cost."""
+        row = served(model, variant)
+        return row and row.get("frontend_jit_ms") is not None and row["frontend_ms"] - row["frontend_jit_ms"] or None
+
+    def path_diff(model, a, b):
+        x, y = path(model, a), path(model, b)
+        return x and y and x - y
+
     def idle_share(model):
         row = served(model, "shipped")
         return row and row["frontend_idle_ms_per_s"] / row["rps"]
 
     table = [("frontend (Java), all", "java CPU / requests, wrk load",
               {m: (served(m, "shipped") or {}).get("frontend_ms") for m in models}),
+             ("frontend: its JIT compiler", "java's C1/C2 compiler threads' CPU / requests, wrk load",
+              {m: (served(m, "shipped") or {}).get("frontend_jit_ms") for m in models}),
+             ("frontend: the request path", "java CPU less its compiler threads' / requests, wrk load",
+              {m: path(m, "shipped") for m in models}),
              ("frontend: idle background", "java CPU with no load, per s / req/s", {m: idle_share(m) for m in models}),
-             ("frontend: parsing tvserve's metrics", "java CPU: shipped - TVSERVE_METRICS=off",
-              {m: diff(m, "frontend_ms", "shipped", "metrics off") for m in models}),
-             ("frontend: logging", "java CPU: shipped - every log off",
-              {m: diff(m, "frontend_ms", "shipped", "logs off") for m in models}),
+             ("frontend: parsing tvserve's metrics", "the request path: shipped - TVSERVE_METRICS=off",
+              {m: path_diff(m, "shipped", "metrics off") for m in models}),
+             ("frontend: logging", "the request path: shipped - every log off",
+              {m: path_diff(m, "shipped", "logs off") for m in models}),
              ("worker (Python), all", "worker CPU / requests, wrk load",
               {m: (served(m, "shipped") or {}).get("worker_ms") for m in models}),
              ("worker: tvserve's metrics", "worker CPU: shipped - TVSERVE_METRICS=off",
@@ -388,7 +418,8 @@ def markdown(report: dict) -> str:
     lines = [f"Measured {m['date']} on {m['cpu']}, {m['cores']} cores; torch {m['torch']}. "
              f"Command: `{report['command']}`. CPU milliseconds per request (process CPU time, all threads), "
              f"in-process one request per batch; served rows under wrk at c={report['concurrency']} for "
-             f"{report['duration_s']:.0f} s per variant, after as long a warm-up.", ""]
+             f"{report['duration_s']:.0f} s per variant, after {report.get('warmup_s', report['duration_s']):.0f} s "
+             "of the same load on the fresh server.", ""]
     for model in models:
         result = report["models"][model]
         loads = ", ".join(f"{row['variant']} {row['load_average'][0]:.2f}" for row in result["served"])
@@ -418,6 +449,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int, default=1,
                         help="wrk connections for the served rows (1: every batch holds one request, as in-process)")
     parser.add_argument("--duration", type=float, default=10.0, help="s measured per variant and in-process")
+    parser.add_argument("--warmup", type=float, default=30.0, help="s of the same load on each fresh server before "
+                        "its served rows (the frontend's JIT compiles its request path meanwhile)")
     parser.add_argument("--work", type=Path, default=Path(".tvserve/request-cost"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks"))
     parser.add_argument("--no-http", dest="http", action="store_false", help="in-process rows only")
@@ -432,11 +465,11 @@ def main(args) -> dict:
     if args.http:
         wrk_path()
     report = {"machine": bench.machine(), "command": "python -m tvserve.tools.request_cost " + " ".join(args.argv),
-              "concurrency": args.concurrency, "duration_s": args.duration, "models": {}}
+              "concurrency": args.concurrency, "duration_s": args.duration, "warmup_s": args.warmup, "models": {}}
     for model in models:
         log.info("%s: measuring", model)
         report["models"][model] = measure(model, args.work, concurrency=args.concurrency, duration=args.duration,
-                                          http=args.http)
+                                          warmup=args.warmup, http=args.http)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "request_cost.json").write_text(json.dumps(report, indent=2))
     text = markdown(report)
