@@ -130,6 +130,13 @@ def sized_store(tmp_path_factory):
     return store
 
 
+@pytest.mark.parametrize("delay", [0, -5])
+def test_a_batch_delay_under_1_ms_is_refused_since_torchserve_reads_0_as_100(delay):
+    with pytest.raises(TvserveError, match=rf"--max-batch-delay is at least 1 ms, got {delay}: TorchServe 0.12 reads 0 "
+                       "as unset and waits its default 100 ms"):
+        ArchiveOptions(model_name="tiny", max_batch_delay=delay)
+
+
 def test_archives_record_which_sizes_were_decided(sized_store):
     sizing = read_record(sized_store / "tiny.mar").sizing
     assert (sizing.decided, sizing.cores) == (SIZES, os.cpu_count())

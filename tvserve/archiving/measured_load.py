@@ -25,8 +25,8 @@ What is not measured, and why:
 - the batch delay stays options.DEFAULT_MAX_BATCH_DELAY (1 ms): with closed-loop clients a longer
   delay only adds its wait at low load (measured on 2 cores, resnet18 OpenVINO, 1 x 2 threads,
   batch 8: delay 5 ms gave c=1 29.3 req/s against 34.4 at 1 ms, and no more at c=4 or c=16), and
-  0 ms is worse: TorchServe 0.12 then held a lone request about 100 ms (2 workers x 2 threads,
-  batch 8: c=1 p50 133-136 ms against 27-29 at 1 ms, c=4 20 req/s against 42-45);
+  0 ms cannot be had: TorchServe 0.12 reads it as unset and waits its default 100 ms (2 workers x
+  2 threads, batch 8: c=1 p50 133-136 ms against 27-29 at 1 ms, c=4 20 req/s against 42-45);
 - the prepare pool keeps its default (the worker's torch threads), to keep archiving in seconds;
 - models whose batch-1 forward (timed when the backend was chosen) exceeds MAX_FORWARD_MS
   (detection and segmentation on a few cores: seconds): a point of half a second would hold one or no

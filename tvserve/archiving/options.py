@@ -54,6 +54,9 @@ class ArchiveOptions:
         if self.decode != DEFAULT_DECODE and self.jpeg_draft:
             raise TvserveError("--jpeg-draft is for PIL decoding and --gpu-decode decodes JPEGs with torchvision.io "
                                "at full scale: choose one of the two.")
+        if self.max_batch_delay is not None and self.max_batch_delay < 1:
+            raise TvserveError(f"--max-batch-delay is at least 1 ms, got {self.max_batch_delay}: TorchServe 0.12 reads "
+                               "0 as unset and waits its default 100 ms for batch-mates (docs/performance.md, Batching).")
         if not 0 <= self.min_agreement <= 1:
             raise TvserveError(f"--min-agreement is a fraction from 0 to 1 (0.99: 99%), got {self.min_agreement}.")
 
