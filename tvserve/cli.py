@@ -46,7 +46,7 @@ def add_archive_options(parser):
                        "decoding a photo, else one with every core's threads")
     group.add_argument("--batch-size", type=int, help="requests a worker takes together (default 8: its pipeline "
                        "decodes the later ones while the earlier ones run the forward)")
-    group.add_argument("--max-batch-delay", type=int, help="ms a batch waits for more requests (default 1)")
+    group.add_argument("--max-batch-delay", type=int, help="ms a batch waits for more requests (default 1, at least 1)")
     group.add_argument("--response-timeout", type=int, help="s (default 120)")
     group.add_argument("--startup-timeout", type=int, help="s (default 120)")
     group.add_argument("--threads", type=int, help="threads per worker (default: cores / workers)")
