@@ -261,6 +261,14 @@ def compiler_cpu(pid: int) -> float:
     return seconds
 
 
+def cpu_seconds(pids: dict) -> dict:
+    """{role: CPU seconds its processes have used} of server_processes' roles, and "frontend_jit":
+    the part of the frontend's in its JIT compiler threads."""
+    seconds = {role: sum(proc_cpu(pid) for pid in found) for role, found in pids.items()}
+    seconds["frontend_jit"] = sum(compiler_cpu(pid) for pid in pids["frontend"])
+    return seconds
+
+
 def server_processes(session: int) -> dict:
     """{"frontend": [pid], "worker": [pids]} of the TorchServe whose launcher leads `session`."""
     found = defaultdict(list)
@@ -306,21 +314,18 @@ def serve_variant(variant: str, store: Path, model: str, body: Path, work: Path,
         run_wrk(url, body, concurrency=concurrency, duration=warmup)  # the JIT compiles the hot paths meanwhile
         pids = server_processes(server.process.pid)
         before_logs = log_sizes(server)
-        before = {role: sum(proc_cpu(pid) for pid in found) for role, found in pids.items()}
-        jit_before = sum(compiler_cpu(pid) for pid in pids["frontend"])
+        before = cpu_seconds(pids)
         load = os.getloadavg()
         result = run_wrk(url, body, concurrency=concurrency, duration=duration)
-        after = {role: sum(proc_cpu(pid) for pid in found) for role, found in pids.items()}
-        jit = sum(compiler_cpu(pid) for pid in pids["frontend"]) - jit_before
+        after = cpu_seconds(pids)
         time.sleep(1.0)  # the last lines reach the logs
         after_logs = log_sizes(server)
-        idle_start = {role: sum(proc_cpu(pid) for pid in found) for role, found in pids.items()}
+        idle_start = cpu_seconds(pids)
         time.sleep(IDLE_SECONDS)
-        idle = {f"{role}_idle_ms_per_s": 1000 * (sum(proc_cpu(pid) for pid in found) - idle_start[role]) / IDLE_SECONDS
-                for role, found in pids.items()}
+        idle_end = cpu_seconds(pids)
+    idle = {f"{role}_idle_ms_per_s": 1000 * (idle_end[role] - idle_start[role]) / IDLE_SECONDS for role in idle_end}
     requests = result["requests"]
     cpu = {f"{role}_ms": 1000 * (after[role] - before[role]) / requests for role in after}
-    cpu["frontend_jit_ms"] = 1000 * jit / requests
     logged = {name: {"lines": (after_logs[name][0] - before_logs[name][0]) / requests,
                      "bytes": (after_logs[name][1] - before_logs[name][1]) / requests} for name in LOG_FILES}
     return {"variant": variant, "requests": requests, "errors": result["errors"], "rps": result["rps"],
@@ -375,9 +380,12 @@ def rows(report: dict) -> list:
         return x and y and x[key] - y[key]
 
     def path(model, variant):
-        """The frontend's CPU a request less its JIT compiler's: what the request path itself cost."""
+        """The frontend's CPU a request less its JIT compiler's: what the request path itself cost
+        (None for a report from before the compiler was counted)."""
         row = served(model, variant)
-        return row and row.get("frontend_jit_ms") is not None and row["frontend_ms"] - row["frontend_jit_ms"] or None
+        if not row or row.get("frontend_jit_ms") is None:
+            return None
+        return row["frontend_ms"] - row["frontend_jit_ms"]
 
     def path_diff(model, a, b):
         x, y = path(model, a), path(model, b)

@@ -36,12 +36,13 @@ def match_sizing(text: str) -> re.Match:
     """SIZING's match of `text`; a TvserveError saying the form otherwise."""
     match = SIZING.fullmatch(text.strip())
     if not match:
-        raise TvserveError(f"Sizing {text!r}: write WORKERSxTHREADSbBATCH[dDELAY][-rigid], e.g. 2x2b8 or 2x2b8d0-rigid.")
+        raise TvserveError(f"Sizing {text!r}: write WORKERSxTHREADSbBATCH[dDELAY][-rigid], e.g. 2x2b8 or 2x2b8d5-rigid.")
     return match
 
 
 def parse_sizing(text: str) -> tuple:
-    """'2x2b8' -> (workers 2, threads 2, batch 8, delay 1 ms); '2x2b8d0' -> (2, 2, 8, 0)."""
+    """'2x2b8' -> (workers 2, threads 2, batch 8, delay 1 ms); '2x2b8d5' -> (2, 2, 8, 5). A delay of 0 is
+    TorchServe's unset: it waits its default 100 ms (docs/performance.md, Batching)."""
     workers, threads, batch, delay, _ = match_sizing(text).groups()
     return int(workers), int(threads), int(batch), int(delay or 1)
 
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("archive", type=Path)
     parser.add_argument("--sizings", required=True,
-                        help="comma-separated WORKERSxTHREADSbBATCH[dDELAY][-rigid], e.g. 1x2b8,2x2b8d0,2x2b8-rigid")
+                        help="comma-separated WORKERSxTHREADSbBATCH[dDELAY][-rigid], e.g. 1x2b8,2x2b8d5,2x2b8-rigid")
     parser.add_argument("--image", type=Path, required=True, help="the request body (one image file)")
     parser.add_argument("--concurrency", default="4,16", help="comma-separated connection counts")
     parser.add_argument("--duration", type=float, default=8.0, help="s measured per point, after 3 s of warm-up")
