@@ -11,14 +11,16 @@ def predictions(server, model: str) -> int:
 
 
 def settled_predictions(server, model: str) -> int:
-    """The count once no line came for a second: requests wrk left in flight are answered after it stops."""
-    count = predictions(server, model)
-    while True:
+    """The count once no line came for a second (within 30 s): requests wrk left in flight are
+    answered after it stops."""
+    count, deadline = predictions(server, model), time.monotonic() + 30
+    while time.monotonic() < deadline:
         time.sleep(1.0)
         now = predictions(server, model)
         if now == count:
-            return count
+            break
         count = now
+    return count
 
 
 def test_warm_up_loads_the_server_before_its_points(server, digit_files):
