@@ -69,12 +69,16 @@ def sized_copy(mar: Path, store: Path, sizing: tuple) -> Path:
 
 
 def measure(store: Path, model: str, image: Path, concurrency: list, duration: float, work: Path,
-            env: dict = None) -> list:
-    """[(concurrency, wrk's result)] of one served store (its server's environment updated with `env`)."""
+            env: dict = None, server_warmup: float = 0.0) -> list:
+    """[(concurrency, wrk's result)] of one served store (its server's environment updated with `env`),
+    after `server_warmup` s of load at the highest concurrency (the frontend's JIT compiles its request
+    path over its first minute: `tvserve bench --server-warmup`)."""
     work.mkdir(parents=True, exist_ok=True)
     config = free_ports_config(DEVELOPMENT_CONFIG, work / "config.properties")
     with Server(model_store=store, config=config, workdir=work / "server", env=env) as server:
         url = f"{server.inference_url}/predictions/{model}"
+        if server_warmup > 0:
+            run_wrk(url, image, concurrency=max(concurrency), duration=server_warmup)
         results = []
         for clients in concurrency:
             run_wrk(url, image, concurrency=clients, duration=min(3.0, duration))  # warm-up
@@ -98,6 +102,8 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", default="4,16", help="comma-separated connection counts")
     parser.add_argument("--duration", type=float, default=8.0, help="s measured per point, after 3 s of warm-up")
     parser.add_argument("--rounds", type=int, default=2, help="times every sizing is served, in turns")
+    parser.add_argument("--server-warmup", type=float, default=30.0,
+                        help="s of load on each fresh server before its first point, at the highest concurrency")
     args = parser.parse_args(argv)
     try:
         sizings = {text: parse_sizing(text) for text in args.sizings.split(",")}
@@ -108,7 +114,7 @@ def main(argv=None) -> int:
                 for text, store in stores.items():
                     work = Path(folder) / "work" / text
                     for clients, result in measure(store, model, args.image, [int(c) for c in args.concurrency.split(",")],
-                                                   args.duration, work, server_env(text)):
+                                                   args.duration, work, server_env(text), args.server_warmup):
                         print(line(text, clients, result), flush=True)
                     shutil.rmtree(work, ignore_errors=True)
     except TvserveError as err:
