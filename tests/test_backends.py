@@ -22,7 +22,7 @@ from handlers.runtimes import EAGER
 from handlers.tasks.classification import PARITY_TOLERANCE
 from tvserve import TvserveError
 from tvserve.archiving.mar import read_model_config as archive_config, read_record
-from tvserve.archiving.options import ArchiveOptions
+from tvserve.archiving.options import DEFAULT_MAX_BATCH_DELAY, ArchiveOptions
 from tvserve.archiving.sources import archive_checkpoint, archive_custom, archive_torchvision
 from tvserve.archiving.measured_load import BATCH_SIZE, SHARED_WORKERS, choose, shapes_for
 from tvserve.ops import client
@@ -135,6 +135,8 @@ def test_auto_workers_and_batching_follow_the_measured_load(digits_run, model_st
     assert [(c["workers"], c["threads"], c["batch_size"]) for c in measured.candidates] == [
         (w, t, b) for w, t in shapes for b in (1, BATCH_SIZE)]
     assert all(c["c1_p50_ms"] > 0 and c["load_rps"] > 0 for c in measured.candidates)
+    for alone, batched in zip(measured.candidates[::2], measured.candidates[1::2]):  # a lone request waits the delay
+        assert batched["c1_p50_ms"] == pytest.approx(alone["c1_p50_ms"] + DEFAULT_MAX_BATCH_DELAY)
     shared = os.cpu_count() > 1 and winner_shape(measured) == (SHARED_WORKERS, os.cpu_count())
     assert read_record(net).sizing.shares_cores() == shared
     assert measured.chosen == choose(measured.candidates)[0] and measured.concurrency == os.cpu_count()

@@ -16,7 +16,7 @@ from tvserve.archiving.options import ArchiveOptions
 from tvserve.archiving.sources import archive_custom
 from tvserve.ops.client import bearer, read_keys
 from tvserve.ops.management import model_versions
-from tvserve.archiving.measured_load import SHARED_WORKERS, choose, shapes_for
+from tvserve.archiving.measured_load import POINT_S, SHARED_WORKERS, choose, rate, shapes_for, share
 from tvserve.ops.properties import PRODUCTION_CONFIG, free_ports_config, read_properties
 from tvserve.ops.server import SIZED_CONFIG, Server
 from tvserve.ops.sizing import (GPU_BATCH, GPU_BATCH_DELAY_MS, GPU_BATCH_OTHERS, GPUS_ENV, WORKERS_PER_GPU, Machine,
@@ -224,11 +224,32 @@ def test_snapshot_makes_each_models_first_version_its_default():
 
 
 def test_the_measured_winner_is_the_fastest_at_load_of_those_near_the_fastest_alone():
-    candidates = [{"c1_p50_ms": 20.0, "load_rps": 30.0}, {"c1_p50_ms": 21.5, "load_rps": 45.0},
-                  {"c1_p50_ms": 23.0, "load_rps": 90.0}]  # the last is 15% slower alone: not eligible
+    candidates = [{"workers": 1, "c1_p50_ms": 20.0, "load_rps": 30.0}, {"workers": 1, "c1_p50_ms": 21.5, "load_rps": 45.0},
+                  {"workers": 2, "c1_p50_ms": 23.0, "load_rps": 90.0}]  # the last is 15% slower alone: not eligible
     chosen, why = choose(candidates)
     assert chosen == 1 and "2 of 3 candidates" in why and "within 10%" in why
     assert choose(candidates[:1])[0] == 0
+
+
+def test_near_equal_at_load_the_most_workers_win_then_the_most_req_s():
+    one = {"workers": 1, "c1_p50_ms": 25.0, "load_rps": 50.0}
+    shared = {"workers": 2, "c1_p50_ms": 25.5, "load_rps": 48.0}  # 4% fewer req/s: equal
+    assert choose([one, shared])[0] == 1 and "the 2 within 5%" in choose([one, shared])[1]
+    assert choose([one, {**shared, "load_rps": 47.0}])[0] == 0  # 6% fewer: not equal
+    batched = {**shared, "load_rps": 49.0}
+    assert choose([one, shared, batched])[0] == 2  # two workers each: the most req/s
+    assert choose([one, shared, {**shared}])[0] == 1  # equal in both: the first listed
+
+
+@pytest.mark.parametrize("queued, free, batch, takes", [
+    (2, 2, 8, 1), (4, 2, 8, 2), (5, 2, 8, 3), (16, 2, 8, 8), (3, 1, 8, 3), (3, 1, 1, 1), (1, 2, 8, 1)])
+def test_requests_sent_at_once_are_shared_among_the_free_measuring_workers(queued, free, batch, takes):
+    assert share(queued, free, batch) == takes
+
+
+def test_a_points_rate_is_each_workers_requests_between_its_answers_not_whole_requests_a_point():
+    assert rate([(10.0, 2), (10.04, 2), (10.08, 2)]) == pytest.approx(4 / 0.08)  # 50 req/s, not 6 in 0.5 s
+    assert rate([(10.0, 3)]) == 3 / POINT_S and rate([]) == 0
 
 
 @pytest.mark.parametrize("cores, given, shapes", [
