@@ -34,14 +34,16 @@ def cores_per_worker(workers: int, env: dict = None) -> int:
     return max(1, cores(env) // max(1, workers))
 
 
-def thread_budget(model_yaml_config: dict) -> int:
+def thread_budget(model_yaml_config: dict, shares_cores: bool = False) -> int:
     """Torch threads for one worker: model-config.yaml's handler.threads, else TVSERVE_THREADS (set
-    by the server for all workers), else the cores shared evenly among this model's workers."""
+    by the server for all workers), else the cores shared evenly among this model's workers, or
+    every core where its workers take turns on them (`shares_cores`: the archive's measured shared
+    shape, record.Sizing.shares_cores), as under a TorchServe that tvserve did not start (KServe)."""
     config = model_yaml_config or {}
     threads = (config.get("handler") or {}).get("threads") or os.environ.get("TVSERVE_THREADS")
     if threads:
         return int(threads)
-    return cores_per_worker(int(config.get("maxWorkers") or config.get("minWorkers") or 1))
+    return cores_per_worker(1 if shares_cores else int(config.get("maxWorkers") or config.get("minWorkers") or 1))
 
 
 def prepare_threads(model_yaml_config: dict, threads: int) -> int:

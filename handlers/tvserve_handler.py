@@ -101,7 +101,7 @@ class TvserveHandler:
         model_dir = Path(context.system_properties["model_dir"])
         self.record = Record.read(model_dir)
         model_config = getattr(context, "model_yaml_config", None)
-        threads = thread_budget(model_config)
+        threads = thread_budget(model_config, bool(self.record.sizing and self.record.sizing.shares_cores()))
         device = model_device(context.system_properties.get("gpu_id"))
         set_threads(threads)
         backend = self.record.backend or Backend()

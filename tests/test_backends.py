@@ -139,6 +139,9 @@ def test_auto_workers_and_batching_follow_the_measured_load(digits_run, model_st
         assert batched["c1_p50_ms"] == pytest.approx(alone["c1_p50_ms"] + DEFAULT_MAX_BATCH_DELAY)
     shared = os.cpu_count() > 1 and winner_shape(measured) == (SHARED_WORKERS, os.cpu_count())
     assert read_record(net).sizing.shares_cores() == shared
+    handler = load_handler(net, tmp_path / "unpacked")  # as under a TorchServe tvserve did not start
+    assert handler.prepare_pool.threads == (os.cpu_count() if shared else max(1, os.cpu_count() // winner_shape(measured)[0]))
+    handler.close()
     assert measured.chosen == choose(measured.candidates)[0] and measured.concurrency == os.cpu_count()
     winner = measured.winner()
     assert (archive_config(net)["minWorkers"], archive_config(net)["batchSize"]) == (winner["workers"], winner["batch_size"])

@@ -9,6 +9,7 @@ import pytest
 import requests
 
 from helpers import GATED_MODEL, REPO, run_tvserve, write_custom_model
+from handlers.budget import CPUS_ENV, thread_budget
 from handlers.record import SIZES, MeasuredLoad, Record, Sizing
 from tvserve import TvserveError
 from tvserve.archiving.mar import read_model_config, read_record
@@ -239,6 +240,19 @@ def test_near_equal_at_load_the_most_workers_win_then_the_most_req_s():
     batched = {**shared, "load_rps": 49.0}
     assert choose([one, shared, batched])[0] == 2  # two workers each: the most req/s
     assert choose([one, shared, {**shared}])[0] == 1  # equal in both: the first listed
+
+
+def test_a_worker_of_the_shared_shape_gets_every_core_where_no_tvserve_server_sets_its_threads(monkeypatch):
+    """Under a TorchServe that tvserve did not start (KServe's runtime), two workers that take turns
+    on every core each get every core, not half; the server's TVSERVE_THREADS and a pinned
+    handler.threads still come first."""
+    monkeypatch.delenv("TVSERVE_THREADS", raising=False)
+    monkeypatch.setenv(CPUS_ENV, "4")
+    config = {"minWorkers": 2, "maxWorkers": 2}
+    assert thread_budget(config) == 2 and thread_budget(config, shares_cores=True) == 4
+    assert thread_budget({**config, "handler": {"threads": 1}}, shares_cores=True) == 1
+    monkeypatch.setenv("TVSERVE_THREADS", "3")
+    assert thread_budget(config, shares_cores=True) == 3
 
 
 @pytest.mark.parametrize("queued, free, batch, takes", [
