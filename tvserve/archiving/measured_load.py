@@ -54,7 +54,6 @@ from pathlib import Path
 from handlers.budget import MAX_AUTO_WORKERS, worker_defaults
 from handlers.record import MeasuredLoad
 from tvserve import TvserveError
-from tvserve.archiving.options import DEFAULT_MAX_BATCH_DELAY
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +120,7 @@ def size_by_load(folder: Path, options, forward_ms: float, cores: int, body: byt
         log.info("sizing: %s", why)
         return (replace(options, workers=options.workers or 1, batch_size=options.batch_size or BATCH_SIZE),
                 MeasuredLoad(concurrency=cores, point_s=POINT_S, candidates=[], why=why))
-    delay = DEFAULT_MAX_BATCH_DELAY if options.max_batch_delay is None else options.max_batch_delay
-    measured = measure(folder, candidates_for(options, cores), cores, body, delay)
+    measured = measure(folder, candidates_for(options, cores), cores, body, options.batch_delay())
     chosen, why = choose(measured)
     winner = measured[chosen]
     log.info("sizing: %d worker(s) x %d threads, batch %d: %s", winner["workers"], winner["threads"],
@@ -131,7 +129,7 @@ def size_by_load(folder: Path, options, forward_ms: float, cores: int, body: byt
             MeasuredLoad(concurrency=cores, point_s=POINT_S, candidates=measured, chosen=chosen, why=why))
 
 
-def measure(folder: Path, candidates: list, concurrency: int, body: bytes, delay_ms: float = 0) -> list:
+def measure(folder: Path, candidates: list, concurrency: int, body: bytes, delay_ms: float) -> list:
     """Each candidate (workers, threads, batch) measured: {"workers", "threads", "batch_size",
     "c1_p50_ms", "load_rps"}. The processes of the most workers are started once and re-initialised
     for each worker count (fewer workers: the first ones). A batched candidate's c=1 p50 counts the

@@ -69,12 +69,16 @@ class ArchiveOptions:
         """The threads a worker of this archive gets on this machine (as the handler decides)."""
         return self.threads or cores_per_worker(self.workers or 1)
 
+    def batch_delay(self) -> int:
+        """ms TorchServe waits for batch-mates: --max-batch-delay, else DEFAULT_MAX_BATCH_DELAY."""
+        return DEFAULT_MAX_BATCH_DELAY if self.max_batch_delay is None else self.max_batch_delay
+
     def model_config(self) -> dict:
         config = {
             "minWorkers": self.workers,
             "maxWorkers": self.workers,
             "batchSize": self.batch_size,
-            "maxBatchDelay": DEFAULT_MAX_BATCH_DELAY if self.max_batch_delay is None else self.max_batch_delay,
+            "maxBatchDelay": self.batch_delay(),
             "responseTimeout": self.response_timeout,
             "startupTimeout": self.startup_timeout,
         }
